@@ -1,0 +1,1 @@
+"""Consistency models in JAX/Flax."""

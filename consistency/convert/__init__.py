@@ -1,0 +1,1 @@
+"""Readers for official checkpoints (jcm msgpack, cm .pt, diffusers folders)."""

@@ -1,0 +1,1 @@
+"""Networks: sigma-agnostic Flax modules (they know nothing of noise levels or configs)."""
