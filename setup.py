@@ -1,4 +1,4 @@
-"""Consistency models in JAX/Flax: training (CD, CT and successors), sampling, editing, evaluation."""
+"""Consistency models in JAX/Flax: CD, CT and successors; sampling, editing, evaluation."""
 
 from setuptools import find_packages, setup
 

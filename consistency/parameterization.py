@@ -1,0 +1,99 @@
+"""Preconditioning: EDM and boundary-condition scalings, noise conditioning, loss weightings."""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+SIGMA_DATA = 0.5
+WEIGHTINGS = ("uniform", "snr", "snr+1", "karras", "truncated-snr")
+NOISE_CONDITIONINGS = ("adm", "ncsnpp")
+
+Scalings = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def edm_scalings(sigma: jax.Array, *, sigma_data: float = SIGMA_DATA) -> Scalings:
+    """EDM: c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2)."""
+    sigma = jnp.asarray(sigma, jnp.float32)
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / jnp.sqrt(sigma**2 + sigma_data**2)
+    c_in = 1.0 / jnp.sqrt(sigma**2 + sigma_data**2)
+    return c_skip, c_out, c_in
+
+
+def boundary_scalings(
+    sigma: jax.Array, *, sigma_data: float = SIGMA_DATA, sigma_min: float = 0.002
+) -> Scalings:
+    """c_skip = sd^2/((s-eps)^2+sd^2), c_out = sd (s-eps)/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2).
+
+    Only c_skip's denominator and c_out's numerator are shifted by eps = sigma_min, so that
+    f(x, eps) = x exactly (c_skip = 1, c_out = 0).
+    """
+    sigma = jnp.asarray(sigma, jnp.float32)
+    c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
+    c_out = (sigma - sigma_min) * sigma_data / jnp.sqrt(sigma**2 + sigma_data**2)
+    c_in = 1.0 / jnp.sqrt(sigma**2 + sigma_data**2)
+    return c_skip, c_out, c_in
+
+
+def c_noise_adm(sigma: jax.Array) -> jax.Array:
+    """c_noise = 1000 * 0.25 * ln(sigma + 1e-44) = 250 ln sigma (ADM UNet and diffusers)."""
+    return 1000 * 0.25 * jnp.log(jnp.asarray(sigma, jnp.float32) + 1e-44)
+
+
+def c_noise_ncsnpp(sigma: jax.Array) -> jax.Array:
+    """c_noise = 0.25 ln sigma (the CIFAR-10 NCSN++ with Fourier features)."""
+    return 0.25 * jnp.log(jnp.asarray(sigma, jnp.float32))
+
+
+def get_noise_conditioning(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The network's noise input c_noise(sigma) by convention name."""
+    if name == "adm":
+        return c_noise_adm
+    if name == "ncsnpp":
+        return c_noise_ncsnpp
+    raise ValueError(f"unknown noise conditioning: {name!r}; choose one of {NOISE_CONDITIONINGS}")
+
+
+def broadcast_to(v: jax.Array, x: jax.Array) -> jax.Array:
+    """Reshape a per-example [B] (or scalar) value so it broadcasts against x [B, ...]."""
+    v = jnp.asarray(v)
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def precondition(
+    net_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    x: jax.Array,
+    sigma: jax.Array,
+    *,
+    scalings: Callable[[jax.Array], Scalings],
+    noise_cond: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+    """c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s)): a denoiser or consistency function.
+
+    `net_fn(x_in, c_noise)` is the sigma-agnostic network; `sigma` is [B] or a scalar.
+    """
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
+    c_skip, c_out, c_in = (broadcast_to(c, x) for c in scalings(sigma))
+    out = net_fn((c_in * x).astype(x.dtype), noise_cond(sigma)).astype(jnp.float32)
+    return c_skip * x + c_out * out
+
+
+def snr(sigma: jax.Array) -> jax.Array:
+    """SNR(sigma) = sigma^-2."""
+    return jnp.asarray(sigma, jnp.float32) ** -2
+
+
+def get_weighting(name: str, *, sigma_data: float = SIGMA_DATA) -> Callable[[jax.Array], jax.Array]:
+    """Loss weighting lambda(sigma): uniform, snr, snr+1, karras (snr + 1/sd^2), truncated-snr."""
+    if name == "uniform":
+        return lambda s: jnp.ones_like(jnp.asarray(s, jnp.float32))
+    if name == "snr":
+        return snr
+    if name == "snr+1":
+        return lambda s: snr(s) + 1
+    if name == "karras":
+        return lambda s: snr(s) + 1.0 / sigma_data**2
+    if name == "truncated-snr":
+        return lambda s: jnp.maximum(snr(s), 1.0)
+    raise ValueError(f"unknown weighting: {name!r}; choose one of {WEIGHTINGS}")

@@ -1,0 +1,157 @@
+"""Noise grids and curricula: the Karras sigma grid, N(k) and mu(k), training noise levels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
+RHO = 7.0
+
+TARGET_EMA_MODES = ("fixed", "adaptive")
+SCALE_MODES = ("fixed", "progressive", "progdist")
+
+
+def karras_sigma(
+    index: jax.Array,
+    num_scales: jax.Array | int,
+    *,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
+) -> jax.Array:
+    """sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
+
+    Index 0 is the LARGEST noise level, index N-1 the smallest. `index` and `num_scales` may be
+    traced, so a jitted step whose N(k) changes with the step never recompiles.
+    """
+    index = jnp.asarray(index, jnp.float32)
+    n_minus_1 = jnp.asarray(num_scales, jnp.float32) - 1.0
+    max_inv_rho = sigma_max ** (1.0 / rho)
+    min_inv_rho = sigma_min ** (1.0 / rho)
+    return (max_inv_rho + index / n_minus_1 * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def karras_sigmas(
+    num_scales: int,
+    *,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
+    append_zero: bool = False,
+) -> jax.Array:
+    """The whole grid [sigma_0 > ... > sigma_{N-1}] (float32), optionally followed by 0."""
+    if int(num_scales) < 2:
+        raise ValueError(f"num_scales must be >= 2 for a Karras grid, got {num_scales}")
+    sigmas = karras_sigma(
+        jnp.arange(num_scales), num_scales, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho
+    )
+    return jnp.append(sigmas, 0.0) if append_zero else sigmas
+
+
+def karras_sigmas_float64(
+    indices, num_scales: int, *, sigma_min: float, sigma_max: float, rho: float
+) -> np.ndarray:
+    """The grid at static integer indices, computed on the host in float64 (sigma_0 = sigma_max)."""
+    ramp = np.asarray(indices, np.float64) / (num_scales - 1)
+    max_inv_rho, min_inv_rho = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def adaptive_num_scales(
+    step: jax.Array, *, start_scales: int, end_scales: int, total_steps: int
+) -> jax.Array:
+    """N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1, the inner term at least 1.
+
+    As the official code computes it: steps past K are not clamped; N(0) = s0 and N(K) = s1 + 1.
+    """
+    k = jnp.asarray(step, jnp.float32)
+    inner = jnp.sqrt(k / total_steps * ((end_scales + 1) ** 2 - start_scales**2) + start_scales**2)
+    n = jnp.maximum(jnp.ceil(inner - 1).astype(jnp.int32), 1)
+    return n + 1
+
+
+def adaptive_target_ema(num_scales: jax.Array, *, start_ema: float, start_scales: int) -> jax.Array:
+    """mu(k) = exp(s0 ln(mu0) / (N(k) - 1)) = mu0^(s0/(N(k)-1)), with N - 1 as the official code."""
+    n = jnp.asarray(num_scales, jnp.float32) - 1.0
+    return jnp.exp(start_scales * jnp.log(jnp.float32(start_ema)) / n)
+
+
+def progdist_num_scales(
+    step: jax.Array, *, start_scales: int, distill_steps_per_iter: int
+) -> jax.Array:
+    """Progressive-distillation stages: N halves every stage down to 2, then a final stage of 1."""
+    step = jnp.asarray(step, jnp.int32)
+    scales = jnp.maximum(start_scales // (2 ** (step // distill_steps_per_iter)), 2)
+    # The last halving (2 -> 1) comes after log2(N0)-1 stages and lasts twice as long.
+    last_start = distill_steps_per_iter * (int(np.log2(start_scales)) - 1)
+    sub_stage = jnp.maximum(step - last_start, 0) // (2 * distill_steps_per_iter)
+    sub_scales = jnp.maximum(2 // (2 ** jnp.minimum(sub_stage, 1)), 1)
+    return jnp.where(scales == 2, sub_scales, scales).astype(jnp.int32)
+
+
+def ema_and_scales(
+    step: jax.Array,
+    *,
+    target_ema_mode: str,
+    scale_mode: str,
+    start_ema: float,
+    start_scales: int,
+    end_scales: int,
+    total_steps: int,
+    distill_steps_per_iter: int = 50000,
+) -> tuple[jax.Array, jax.Array]:
+    """(mu(k), N(k)) for the configured curriculum, as traced functions of the step.
+
+    Modes (as the official code): fixed/fixed, adaptive/progressive, fixed/progressive (fixed
+    mu with progressive N) and fixed/progdist (mu = 1).
+    """
+    validate_schedule(target_ema_mode, scale_mode, start_scales, end_scales)
+    if scale_mode == "fixed":
+        num_scales = jnp.asarray(start_scales, jnp.int32)
+    elif scale_mode == "progressive":
+        num_scales = adaptive_num_scales(
+            step, start_scales=start_scales, end_scales=end_scales, total_steps=total_steps
+        )
+    else:
+        num_scales = progdist_num_scales(
+            step, start_scales=start_scales, distill_steps_per_iter=distill_steps_per_iter
+        )
+        return jnp.float32(1.0), num_scales
+    if target_ema_mode == "adaptive":
+        mu = adaptive_target_ema(num_scales, start_ema=start_ema, start_scales=start_scales)
+    else:
+        mu = jnp.float32(start_ema)
+    return mu, num_scales
+
+
+def validate_schedule(target_ema_mode: str, scale_mode: str, start_scales: int, end_scales: int):
+    """Raise a ValueError naming the bad schedule field and its valid choices."""
+    if target_ema_mode not in TARGET_EMA_MODES:
+        raise ValueError(
+            f"unknown target_ema_mode: {target_ema_mode!r}; choose one of {TARGET_EMA_MODES}"
+        )
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"unknown scale_mode: {scale_mode!r}; choose one of {SCALE_MODES}")
+    if target_ema_mode == "adaptive" and scale_mode != "progressive":
+        raise ValueError("target_ema_mode='adaptive' needs scale_mode='progressive'")
+    if scale_mode == "progdist" and target_ema_mode != "fixed":
+        raise ValueError("scale_mode='progdist' needs target_ema_mode='fixed'")
+    if scale_mode == "progdist" and start_scales & (start_scales - 1):
+        raise ValueError(f"progdist needs start_scales a power of 2, got {start_scales}")
+    if scale_mode != "progdist" and int(start_scales) < 2:
+        raise ValueError(f"start_scales (N) must be >= 2, got {start_scales}")
+    if scale_mode == "progressive" and end_scales < start_scales:
+        raise ValueError(f"end_scales ({end_scales}) must be >= start_scales ({start_scales})")
+
+
+def sample_train_indices(key: jax.Array, batch: int, num_scales: jax.Array) -> jax.Array:
+    """i ~ U{0, ..., N-2}: the online net sees sigma_i, the target sigma_{i+1}."""
+    return jax.random.randint(key, (batch,), 0, jnp.asarray(num_scales, jnp.int32) - 1)
+
+
+def sample_lognormal_sigma(
+    key: jax.Array, batch: int, *, p_mean: float = -1.2, p_std: float = 1.2
+) -> jax.Array:
+    """ln sigma ~ N(P_mean, P_std^2) (EDM training noise levels)."""
+    return jnp.exp(p_mean + p_std * jax.random.normal(key, (batch,)))

@@ -1,0 +1,38 @@
+"""Per-example distances: closed forms, shapes, and the pseudo-Huber limits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from consistency import distances
+
+
+def test_l1_l2_are_per_sample_means():
+    x = jnp.arange(24.0).reshape(2, 3, 4)
+    y = jnp.zeros_like(x)
+    np.testing.assert_allclose(distances.l1(x, y), [5.5, 17.5])
+    np.testing.assert_allclose(distances.l2(x, y), np.mean(np.arange(24.0).reshape(2, 12) ** 2, 1))
+
+
+def test_pseudo_huber_limits():
+    c = 0.03
+    x = jax.random.normal(jax.random.key(0), (3, 10))
+    small = x * 1e-4
+    sq = np.sum(np.asarray(small, np.float64) ** 2, 1)
+    np.testing.assert_allclose(distances.pseudo_huber(small, 0 * x, c=c), sq / (2 * c), rtol=1e-3)
+    big = x * 100
+    norm = np.linalg.norm(np.asarray(big, np.float64), axis=1)
+    np.testing.assert_allclose(distances.pseudo_huber(big, 0 * x, c=c), norm - c, rtol=1e-5)
+
+
+def test_get_distance_builds_ict_constant_and_rejects_unknown():
+    d = distances.get_distance("pseudo_huber", data_dim=3 * 32 * 32)
+    x = jnp.ones((2, 3 * 32 * 32)) * 0.01
+    c = 0.00054 * np.sqrt(3 * 32 * 32)
+    expected = np.sqrt(np.sum(np.full(3072, 1e-4)) + c**2) - c
+    np.testing.assert_allclose(d(x, 0 * x), [expected] * 2, rtol=1e-5)
+    with pytest.raises(ValueError, match="choose one of.*pseudo_huber.*lpips"):
+        distances.get_distance("l3")
+    with pytest.raises(ValueError, match="needs huber_c or data_dim"):
+        distances.get_distance("pseudo_huber")

@@ -1,0 +1,156 @@
+"""Schedules against the official code's recorded grids and curricula (cm and jcm fixtures)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import refdata
+
+from consistency import schedules
+
+
+@pytest.mark.parametrize("case", refdata.cases("cm_formulas"))
+def test_karras_grid_matches_cm(case):
+    data = refdata.load_json(case["files"][".json"])
+    args = data["get_sigmas_karras"]["args"]
+    for n, entry in data["get_sigmas_karras"]["by_n"].items():
+        ours = schedules.karras_sigmas(int(n), append_zero=True, **args)
+        np.testing.assert_allclose(
+            ours, entry["float32"], rtol=refdata.FORMULA_RTOL, atol=0, err_msg=f"N={n}"
+        )
+
+
+@pytest.mark.parametrize("case", refdata.cases("cm_formulas"))
+def test_loss_grid_matches_cm(case):
+    data = refdata.load_json(case["files"][".json"])
+    args = data["get_sigmas_karras"]["args"]
+    grid_fn = jax.jit(schedules.karras_sigma, static_argnames=("sigma_min", "sigma_max", "rho"))
+    for n, entry in data["consistency_losses_grid"].items():
+        idx = jnp.asarray(entry["indices"])
+        np.testing.assert_allclose(
+            grid_fn(idx, int(n), **args), entry["t"], rtol=refdata.FORMULA_RTOL
+        )
+        np.testing.assert_allclose(
+            grid_fn(idx + 1, int(n), **args), entry["t2"], rtol=refdata.FORMULA_RTOL
+        )
+
+
+@pytest.mark.parametrize("case", refdata.cases("cm_formulas"))
+def test_ema_and_scales_match_cm(case):
+    data = refdata.load_json(case["files"][".json"])
+    steps = data["ema_and_scales"]["steps"]
+    for name, setting in data["ema_and_scales"]["settings"].items():
+        args = dict(setting["args"])
+
+        @jax.jit
+        def fn(step, args=args):
+            return schedules.ema_and_scales(step, **args)
+
+        for k, step in enumerate(steps):
+            mu, n = fn(jnp.int32(step))
+            assert int(n) == setting["scales"][k], (name, step)
+            np.testing.assert_allclose(float(mu), setting["target_ema"][k], rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", refdata.cases("jcm_formulas"))
+def test_ct_adaptive_matches_jcm(case):
+    data = refdata.load_json(case["files"][".json"])
+    cfg = data["ct_adaptive"]
+    fn = jax.jit(
+        lambda step: schedules.ema_and_scales(
+            step,
+            target_ema_mode="adaptive",
+            scale_mode="progressive",
+            start_ema=cfg["start_ema"],
+            start_scales=cfg["start_scales"],
+            end_scales=cfg["end_scales"],
+            total_steps=cfg["n_iters"],
+        )
+    )
+    ref = cfg["jit_int32_step"]
+    for k, step in enumerate(data["steps"]):
+        mu, n = fn(jnp.int32(step))
+        assert int(n) == ref["num_scales"][k]
+        np.testing.assert_allclose(float(mu), ref["target_ema"][k], rtol=1e-6)
+    fixed = data["ct_ema_fixed"]
+    for k, step in enumerate(data["steps"]):
+        mu, n = schedules.ema_and_scales(
+            step, target_ema_mode="fixed", scale_mode="fixed", start_ema=fixed["target_ema"][k],
+            start_scales=fixed["num_scales"][k], end_scales=fixed["num_scales"][k], total_steps=1,
+        )  # fmt: skip
+        assert int(n) == fixed["num_scales"][k]
+        np.testing.assert_allclose(float(mu), fixed["target_ema"][k], rtol=1e-7)
+
+
+@pytest.mark.parametrize("case", refdata.cases("jcm_formulas"))
+def test_loss_grid_matches_jcm(case):
+    data = refdata.load_json(case["files"][".json"])
+    sde = data["sde"]
+    grid = dict(sigma_min=sde["t_min"], sigma_max=sde["t_max"], rho=sde["rho"])
+    fn = jax.jit(lambda i, n: schedules.karras_sigma(i, n, **grid))
+    for n, entry in data["loss_sigma_grid"].items():
+        idx = jnp.arange(int(n) - 1)
+        # N traced as the adaptive schedule passes it: one compilation for every N.
+        np.testing.assert_allclose(
+            fn(idx, jnp.int32(n)), entry["t_float32_jit"], rtol=refdata.FORMULA_RTOL
+        )
+        np.testing.assert_allclose(
+            fn(idx + 1, jnp.int32(n)), entry["t2_float32_jit"], rtol=refdata.FORMULA_RTOL
+        )
+        np.testing.assert_allclose(
+            schedules.karras_sigmas_float64(np.arange(int(n)), int(n), **grid),
+            entry["grid_float64_reference"],
+            rtol=1e-12,
+        )
+    heun = data["heun_sampler"]
+    ours = schedules.karras_sigmas(heun["N"], append_zero=True, **grid)
+    np.testing.assert_allclose(ours, heun["timesteps_float32"], rtol=refdata.FORMULA_RTOL)
+
+
+def test_schedule_compiles_once_across_steps():
+    traces = []
+
+    @jax.jit
+    def fn(step):
+        traces.append(1)
+        return schedules.ema_and_scales(
+            step, target_ema_mode="adaptive", scale_mode="progressive", start_ema=0.9,
+            start_scales=2, end_scales=150, total_steps=800_000,
+        )  # fmt: skip
+
+    ns = [int(fn(jnp.int32(s))[1]) for s in (0, 1, 10_000, 799_999)]
+    assert ns == [2, 3, 17, 151] and len(traces) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(target_ema_mode="ema"), "unknown target_ema_mode"),
+        (dict(scale_mode="linear"), "unknown scale_mode"),
+        (dict(target_ema_mode="adaptive", scale_mode="fixed"), "needs scale_mode='progressive'"),
+        (dict(start_scales=1, end_scales=1), "must be >= 2"),
+        (dict(start_scales=10, end_scales=5), "end_scales"),
+    ],
+)
+def test_schedule_rejects_bad_settings(kwargs, match):
+    args = dict(target_ema_mode="fixed", scale_mode="progressive", start_ema=0.95,
+                start_scales=2, end_scales=150, total_steps=100)  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        schedules.ema_and_scales(0, **args)
+
+
+def test_karras_grid_rejects_small_n():
+    with pytest.raises(ValueError, match="num_scales must be >= 2"):
+        schedules.karras_sigmas(1)
+
+
+def test_train_indices_cover_0_to_n_minus_2():
+    idx = schedules.sample_train_indices(jax.random.key(0), 4096, jnp.int32(5))
+    assert set(np.unique(np.asarray(idx)).tolist()) == {0, 1, 2, 3}
+
+
+def test_lognormal_sigma_moments():
+    s = schedules.sample_lognormal_sigma(jax.random.key(1), 200_000, p_mean=-1.2, p_std=1.2)
+    logs = np.log(np.asarray(s))
+    assert abs(logs.mean() + 1.2) < 0.01 and abs(logs.std() - 1.2) < 0.01
