@@ -14,7 +14,17 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "ml-collections>=1.0",
+        "absl-py",
         "numpy>=1.26",
+        "scipy",  # FID's matrix square root (already a jax dependency)
+        "ml_dtypes",  # bfloat16 tensors in checkpoints (already a jax dependency)
+        # Data: tfds ArrayRecord sources read without TensorFlow, batched by grain.
+        "tensorflow-datasets>=4.9",
+        "importlib_resources",  # tensorflow-datasets 4.9.10 on Python 3.11 imports it
+        "grain>=0.2",
+        "scikit-learn",  # the bundled 8x8 digits, the offline dataset
+        "pillow",  # image folders, centre crops, PNG grids
+        "tensorboardX",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],

@@ -24,6 +24,7 @@ ALLOWED = {
     # Only these turn config into functions: they meet math, models and infrastructure.
     "train": {"*"},
     "evaluate": {"*"},
+    "builders": {"*"},
 }
 
 

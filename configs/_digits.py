@@ -1,0 +1,16 @@
+"""Shared settings of the embedded digits configs (8x8, 1 channel, offline, 2 CPU cores)."""
+
+from configs import base
+
+
+def digits():
+    config = base.get_config()
+    config.data.update(name="digits", image_size=8, num_channels=1, random_flip=False)
+    config.model.name = "unet"
+    config.model.unet.update(channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                             attn_resolutions=(4,))  # fmt: skip
+    config.training.update(batch_size=128, log_every=100, snapshot_every=1000)
+    config.training.ema_rates = (0.999,)
+    config.optim.update(optimizer="radam", lr=4e-4)
+    config.sampling.update(grid_size=64, batch_size=256, num_samples=1024)
+    return config

@@ -1,0 +1,13 @@
+"""CT on the bundled digits from scratch: adaptive N(k) 2 -> 40, mu0 = 0.9, l2, minutes on CPU."""
+
+from configs import _digits
+
+
+def get_config():
+    config = _digits.digits()
+    config.training.update(
+        loss="ct", distance="l2", target_ema_mode="adaptive", scale_mode="progressive",
+        start_scales=2, end_scales=40, start_ema=0.9, num_steps=1500, total_steps=1500,
+    )  # fmt: skip
+    config.sampling.update(steps=41, ts=())
+    return config

@@ -1,0 +1,185 @@
+"""Image data: tfds ArrayRecord sources, image folders, the bundled digits; batched by grain."""
+
+import dataclasses
+import pathlib
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+
+DATASETS = ("digits", "cifar10", "imagenet64", "lsun_bedroom", "image_folder")
+# Our names -> tensorflow-datasets names (read as ArrayRecord through tfds.data_source).
+TFDS_NAMES = {
+    "cifar10": "cifar10",
+    "imagenet64": "imagenet_resized/64x64",
+    "lsun_bedroom": "lsun/bedroom",
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsSource:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) as uint8 records.
+
+    split 'train' holds the images whose index is not a multiple of 5 (1,437), 'test' the others
+    (360), 'all' every image: a fixed split so the test set can serve as an FID floor.
+    """
+
+    split: str = "train"
+
+    def __post_init__(self):
+        from sklearn.datasets import load_digits
+
+        if self.split not in ("train", "test", "all"):
+            raise ValueError(f"unknown digits split: {self.split!r}; choose train, test or all")
+        digits = load_digits()
+        keep = np.arange(len(digits.images))
+        if self.split != "all":
+            keep = keep[(keep % 5 != 0) if self.split == "train" else (keep % 5 == 0)]
+        # Pixel values are 0..16: map them onto the 0..255 range of every other source.
+        images = np.round(digits.images[keep] * (255.0 / 16.0)).astype(np.uint8)[..., None]
+        object.__setattr__(self, "_images", images)
+        object.__setattr__(self, "_labels", digits.target[keep].astype(np.int32))
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self._images[index], "label": self._labels[index]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolderSource:
+    """Every image under a folder (recursively, sorted), labelled by its file-name prefix.
+
+    As the ImageNet/LSUN reference loader does, the class name is the part of the file name
+    before the first '_' (sorted class names give the indices).
+    """
+
+    folder: str
+
+    def __post_init__(self):
+        root = pathlib.Path(self.folder)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.folder {self.folder!r} is not a directory")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"data.folder {self.folder!r} holds no images ({IMAGE_SUFFIXES})")
+        classes = sorted({p.name.split("_")[0] for p in files})
+        index = {c: i for i, c in enumerate(classes)}
+        object.__setattr__(self, "_files", files)
+        object.__setattr__(self, "_labels", [index[p.name.split("_")[0]] for p in files])
+        object.__setattr__(self, "num_classes", len(classes))
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        with Image.open(self._files[index]) as img:
+            image = np.asarray(img.convert("RGB"))
+        return {"image": image, "label": np.int32(self._labels[index])}
+
+
+def make_source(name: str, *, split: str = "train", data_dir: str | None = None, folder=None):
+    """A random-access source of {'image': uint8 HWC, 'label': int} records."""
+    if name == "digits":
+        return DigitsSource(split)
+    if name == "image_folder":
+        if not folder:
+            raise ValueError("data.name='image_folder' needs data.folder set to an image directory")
+        return ImageFolderSource(folder)
+    if name in TFDS_NAMES:
+        import tensorflow_datasets as tfds
+
+        return tfds.data_source(TFDS_NAMES[name], split=split, data_dir=data_dir)
+    raise ValueError(f"unknown dataset: {name!r}; choose one of {DATASETS}")
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Box-halve while the short side is >= 2*size, bicubic-resize it to size, crop the centre.
+
+    The ImageNet/LSUN references' preprocessing; an image already size x size is unchanged.
+    """
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    from PIL import Image
+
+    pil = Image.fromarray(image)
+    while min(pil.size) >= 2 * size:
+        pil = pil.resize(tuple(s // 2 for s in pil.size), resample=Image.BOX)
+    scale = size / min(pil.size)
+    pil = pil.resize(tuple(round(s * scale) for s in pil.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess(grain.transforms.RandomMap):
+    """uint8 HWC -> float32 in [-1, 1] (x/127.5 - 1), centre crop, random horizontal flip."""
+
+    image_size: int
+    num_channels: int
+    random_flip: bool
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        image = np.asarray(record["image"])
+        if image.ndim == 2:
+            image = image[..., None]
+        image = center_crop(image, self.image_size)
+        if image.shape[-1] != self.num_channels:
+            raise ValueError(
+                f"images have {image.shape[-1]} channels but data.num_channels is "
+                f"{self.num_channels}"
+            )
+        if self.random_flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        label = np.int32(record.get("label", 0))
+        return {"image": image.astype(np.float32) / 127.5 - 1.0, "label": label}
+
+
+def make_batches(
+    source,
+    *,
+    seed: int,
+    local_batch: int,
+    image_size: int,
+    num_channels: int,
+    random_flip: bool,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 4,
+) -> Iterator[dict]:
+    """Infinite local batches; batch k is a function of (seed, k) alone, so resuming repeats none.
+
+    The shuffled stream (reshuffled every epoch) is dealt round-robin to the processes: process p
+    reads elements p, p + P, p + 2P, ... of it, so each host reads only its own shard.
+    """
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    ds = ds[process_index::process_count]
+    ds = ds.random_map(Preprocess(image_size, num_channels, random_flip), seed=seed + 1)
+    ds = ds.batch(local_batch, drop_remainder=True)[start_step:]
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
+    return iter(ds.to_iter_dataset(options))
+
+
+def num_classes_of(source) -> int:
+    """Number of classes a source's labels take (0 for unlabelled sources)."""
+    if hasattr(source, "num_classes"):
+        return int(source.num_classes)
+    if isinstance(source, DigitsSource):
+        return 10
+    info = getattr(getattr(source, "dataset_info", None), "features", None)
+    label = info["label"] if info is not None and "label" in info else None
+    return int(label.num_classes) if label is not None else 0
+
+
+def load_all_images(source, *, image_size: int, num_channels: int, limit: int | None = None):
+    """The first `limit` images of a source as float32 [-1, 1] NHWC (for statistics and grids)."""
+    prep = Preprocess(image_size, num_channels, random_flip=False)
+    n = len(source) if limit is None else min(limit, len(source))
+    rng = np.random.default_rng(0)
+    return np.stack([prep.random_map(source[i], rng)["image"] for i in range(n)])
