@@ -37,10 +37,38 @@ cd_lsun_cat256_l2|cd_lsun_cat256_lpips)
   run --config=configs/cd_lsun_cat256.py:${1##*_} --workdir=$RUNS/$1 --config.data.folder=$CAT \
     --config.training.teacher_checkpoint=$RUNS/edm_cat256/checkpoints ;;
 ct_lsun_cat256) run --config=configs/ct_lsun_cat256.py --workdir=$RUNS/ct_lsun_cat256 --config.data.folder=$CAT ;;
+# --- Successors (configs/_successors.py): iCT, ECT, sCM, the CM paper's continuous-time CD/CT ---
+successors_digits)
+  E=$RUNS/edm_digits/checkpoints; T=$RUNS/trigflow_digits/checkpoints
+  [ -d "$E" ] || run --config=configs/edm_digits.py --workdir=$RUNS/edm_digits
+  [ -d "$T" ] || run --config=configs/scm_digits.py:teacher --workdir=$RUNS/trigflow_digits
+  run --config=configs/ict_digits.py --workdir=$RUNS/ict_digits
+  run --config=configs/ect_digits.py --workdir=$RUNS/ect_digits --config.training.teacher_checkpoint=$E
+  for v in cd-l2 ct-l2; do
+    run --config=configs/continuous_digits.py:$v --workdir=$RUNS/continuous_digits_$v \
+      --config.training.teacher_checkpoint=$E
+  done
+  for v in sct scd; do
+    run --config=configs/scm_digits.py:$v --workdir=$RUNS/${v}_digits --config.training.teacher_checkpoint=$T
+  done ;;
+ict_cifar10|ict_imagenet64) run --config=configs/$1.py --workdir=$RUNS/$1 --config.data.data_dir=$DATA ;;
+ect_cifar10|ect_imagenet64)
+  run --config=configs/$1.py --workdir=$RUNS/$1 --config.data.data_dir=$DATA \
+    --config.training.teacher_checkpoint=$RUNS/edm_${1#ect_}/checkpoints ;;
+scm_cifar10_teacher) run --config=configs/scm_cifar10.py:teacher --workdir=$RUNS/$1 --config.data.data_dir=$DATA ;;
+scm_cifar10_sct|scm_cifar10_scd|scm_imagenet64_sct|scm_imagenet64_scd)
+  # ImageNet: the teacher is a TrigFlow EDM run of the same ADM (model.parameterization=trigflow).
+  run --config=configs/${1%_*}.py:${1##*_} --workdir=$RUNS/$1 --config.data.data_dir=$DATA \
+    --config.training.teacher_checkpoint=$RUNS/${1%_*}_teacher/checkpoints ;;
+continuous_cifar10_cd-l2|continuous_cifar10_cd-l2-stopgrad|continuous_cifar10_ct-l2)
+  run --config=configs/continuous_cifar10.py:${1#continuous_cifar10_} --workdir=$RUNS/$1 \
+    --config.data.data_dir=$DATA --config.training.teacher_checkpoint=$RUNS/edm_cifar10/checkpoints ;;
 # --- Sampling any of the above: one step, or the config's two-step setting ---
 sample) shift; run --mode=sample "$@" ;;
 *)
   echo "usage: $0 {digits|edm_cifar10|cd_cifar10_{l1,l2,lpips}|ct_cifar10|cd_imagenet64_{l2,lpips}|ct_imagenet64|"
   echo "          cd_lsun_bedroom256_{l2,lpips}|ct_lsun_bedroom256|cd_lsun_cat256_{l2,lpips}|ct_lsun_cat256|"
+  echo "          successors_digits|ict_{cifar10,imagenet64}|ect_{cifar10,imagenet64}|scm_cifar10_teacher|"
+  echo "          scm_{cifar10,imagenet64}_{sct,scd}|continuous_cifar10_{cd-l2,cd-l2-stopgrad,ct-l2}|"
   echo "          sample --config=... --workdir=...}" ;;
 esac

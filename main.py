@@ -1,16 +1,30 @@
-"""Command line: python main.py --config=configs/NAME.py --workdir=DIR [--mode=train|sample]."""
+"""Command line: python main.py --config=configs/NAME.py --workdir=DIR [--mode=MODE]."""
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from consistency import evaluate, train
+from consistency import editor, evaluate, scoring, sharding, train
 
-MODES = ("train", "sample")
+MODES = ("train", "sample", "edit", "eval")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming); sample: write samples.")
+flags.DEFINE_enum(
+    "mode", "train", MODES,
+    "train: train (resuming); sample: write samples; edit: --config.edit.* zero-shot edits; "
+    "eval: FID etc. of --config.eval.* checkpoints and settings (resumable).",
+)  # fmt: skip
+flags.DEFINE_enum(
+    "distributed", "auto", ("auto", "on", "off"),
+    "Multi-host jax.distributed.initialize. auto: when --coordinator_address, --num_processes or "
+    "--process_id (or JAX_COORDINATOR_ADDRESS) is given, or a SLURM, Open MPI or multi-host TPU "
+    "job is detected (JAX then finds the values); on: always; off: never.",
+)  # fmt: skip
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -18,8 +32,21 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+    sharding.initialize_distributed(
+        FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+    )  # fmt: skip
+    if FLAGS.mode == "train":  # a bad config: one line per key, not a traceback
+        try:
+            train.validate_config(FLAGS.config, num_devices=jax.device_count())
+        except train.ConfigError as e:
+            raise app.UsageError(str(e)) from None
     if FLAGS.mode == "train":
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "edit":
+        editor.run_edit(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+        scoring.run_eval(FLAGS.config, FLAGS.workdir)
     else:
         evaluate.run_sample(FLAGS.config, FLAGS.workdir)
 

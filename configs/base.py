@@ -25,9 +25,12 @@ def _model() -> ml_collections.ConfigDict:
     m.sigma_max = 80.0  # T: the largest noise level
     m.rho = 7.0  # Karras grid exponent
     m.sigma_data = 0.5  # data standard deviation in the scalings
+    m.parameterization = "edm"  # edm (EDM / boundary scalings) | trigflow (sCM; c_noise = t)
+    m.logvar_features = 0  # > 0: sCM's learned loss weighting w(t) on this many Fourier features
     m.dropout = 0.0  # dropout rate (EDM teachers 0.1-0.13, CM students 0)
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, EMA, optimiser stay float32)
     m.attention_impl = "plain"  # plain (jvp-safe einsum) | xla | cudnn | none=auto (fused)
+    m.remat = "none"  # backward pass recomputes the network: none | dots (keeps conv/matmul) | full
     m.unet = ml_collections.ConfigDict()
     m.unet.channels = 32  # base width
     m.unet.channel_mult = (1, 2)  # width multiplier per resolution level
@@ -51,15 +54,18 @@ def _model() -> ml_collections.ConfigDict:
     m.adm.num_heads = 4  # heads when num_head_channels = -1
     m.adm.use_scale_shift_norm = True  # FiLM-style time conditioning in the res blocks
     m.adm.resblock_updown = True  # up/down sampling inside residual blocks
+    m.adm.dropout_resolution = 0  # dropout only at feature maps <= this size (0 = all; iCT/sCM 16)
     return m
 
 
 def _training() -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
-    t.loss = "ct"  # edm (teacher) | cd (distillation) | ct (consistency training)
+    t.loss = "ct"  # edm | cd | ct (also iCT) | ect | cd_continuous | ct_continuous | sct | scd
     t.batch_size = 128  # global batch over all devices and hosts
     t.num_steps = 2000  # optimiser steps of the run
     t.n_jitted_steps = 1  # steps fused in one jitted call with lax.scan
+    t.micro_batches = 1  # gradient accumulation: each step's batch in this many sequential parts
+    t.mesh_fsdp = 1  # devices per parameter-sharding (FSDP) group; the rest is data parallel
     t.log_every = 50  # console line and TensorBoard scalars every this many steps
     t.snapshot_every = 1000  # checkpoint and sample grid every this many steps (and at the end)
     t.keep_checkpoints = 3  # checkpoints kept on disk
@@ -67,15 +73,27 @@ def _training() -> ml_collections.ConfigDict:
     t.huber_c = -1.0  # pseudo-Huber c; < 0 uses iCT's 0.00054 sqrt(d)
     t.lpips_vgg = ""  # LPIPS: torchvision VGG16 state dict (.pth)
     t.lpips_lin = ""  # LPIPS: linear-head weights (.pth, LPIPS v0.1 vgg)
-    t.weighting = "uniform"  # uniform | snr | snr+1 | karras | truncated-snr
+    t.lpips_pool = "max"  # LPIPS VGG16 pooling: max (LPIPS package, jcm) | avg (piq, PyTorch cm)
+    t.lpips_resize = 224  # LPIPS: upsample images below 256 px to this size first (0 = never)
+    t.weighting = "uniform"  # uniform | snr | snr+1 | karras | truncated-snr | ict (1/(t - t2))
     t.solver = "heun"  # CD teacher ODE step: heun | euler
     t.target_ema_mode = "fixed"  # fixed | adaptive (mu(k))
-    t.scale_mode = "fixed"  # fixed | progressive (N(k)) | progdist
+    t.scale_mode = "fixed"  # fixed | progressive (N(k)) | progdist | exponential (iCT N(k))
     t.start_ema = 0.95  # mu (fixed) or mu0 (adaptive)
     t.start_scales = 40  # N (fixed) or s0 (progressive)
     t.end_scales = 40  # s1 (progressive)
     t.total_steps = -1  # K of N(k); -1 = num_steps
     t.distill_steps_per_iter = 50000  # progdist stage length
+    t.index_sampling = "uniform"  # CD/CT grid-pair index: uniform | lognormal (iCT)
+    t.p_mean = -1.1  # iCT indices, ECT t, sCM sd tan t: ln ~ N(p_mean, p_std^2) (not EDM's)
+    t.p_std = 2.0  # see p_mean
+    t.ect_q = 2.0  # ECT: dt = t - r shrinks by q every stage
+    t.ect_k = 8.0  # ECT: n(t) = 1 + k sigmoid(-b t)
+    t.ect_b = 1.0  # ECT: see ect_k
+    t.ect_stage_steps = 25000  # ECT: steps per stage
+    t.continuous_stopgrad = False  # cd/ct_continuous: jcm's stop-gradient pseudo-loss
+    t.scm_tangent_c = 0.1  # sCM: tangent normalisation g / (||g|| + c)
+    t.scm_warmup_steps = 10000  # sCM: tangent warm-up H (0 = none)
     t.ema_rates = (0.9999,)  # one evaluation EMA copy per rate; samples use the first
     t.teacher_checkpoint = ""  # CD: checkpoint dir of the EDM teacher (an edm run's checkpoints)
     t.teacher_ema_index = 0  # which EMA copy of the teacher checkpoint to distill
@@ -102,9 +120,10 @@ def _sampling() -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
     s.steps = 40  # N of the grid that `ts` indexes
     s.ts = ()  # () = one step; else grid indices ending at steps-1, e.g. (0, 22, 39)
+    s.sigmas = ()  # explicit noise levels (EDM sigma), e.g. (80.0, 0.821); wins over ts
     s.num_samples = 64  # images written by --mode=sample
     s.batch_size = 64  # images per sampling call (global)
-    s.grid_size = 64  # images in each snapshot PNG grid
+    s.grid_size = 64  # images in each snapshot PNG grid (0 = no grids)
     s.teacher_steps = 18  # EDM models: Heun grid size N (2N-1 network evaluations)
     s.clip_denoised = True  # clamp every denoised output to [-1, 1] (as the references)
     s.class_label = -1  # class-conditional: -1 draws labels at random, else this class
@@ -112,6 +131,42 @@ def _sampling() -> ml_collections.ConfigDict:
     s.ema_index = 0  # --mode=sample: which EMA copy
     s.seed = 0  # sample k's noise comes from fold_in(seed, k)
     return s
+
+
+def _edit() -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict()
+    e.task = "inpaint"  # inpaint | colorize | superres | stroke | denoise | interpolate
+    e.input = ""  # a folder of PNGs or an .npz with arr_0 uint8 NHWC (interpolate reads none)
+    e.mask = ""  # inpaint: a PNG, white = known pixel ('' = a centred square of half size unknown)
+    e.ts = ()  # grid indices ending at steps-1; () = 4 evenly spaced evaluations
+    e.steps = 40  # N of the grid that `ts` indexes
+    e.patch_size = 4  # superres: keep each p x p patch's mean (inputs full size or size/p)
+    e.stroke_index = 20  # stroke: first index of the default ts (SDEdit's starting noise level)
+    e.noise_sigma = 0.5  # denoise: noise N(0, sigma^2) added to the inputs, then removed by f
+    e.num_interpolations = 8  # interpolate: images along each slerp path, ends included
+    e.num_pairs = 4  # interpolate: pairs of random latents
+    e.seed = 0  # image k's noise comes from fold_in(seed, k)
+    e.ema_index = 0  # which EMA copy of the checkpoint
+    e.checkpoint_step = -1  # checkpoint step (-1 = latest)
+    e.out = ""  # output folder ('' = WORKDIR/edits/TASK)
+    return e
+
+
+def _eval() -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict()
+    e.num_samples = 50000  # --mode=eval: samples per checkpoint and setting (the papers' 50k)
+    e.checkpoint_steps = ()  # checkpoints to score: () = the latest, else each listed step
+    e.settings = ("1",)  # samplers: '1' one step | 'i0,...,N-1' ts | 'sigma=80,0.8' | EDM: 'N'
+    e.features = "inception"  # inception (FID Inception-v3) | digits (the digits classifier)
+    e.inception_path = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+    e.reference = ""  # ADM reference batch or mu/sigma npz; '' = computed from reference_split
+    e.reference_split = "train"  # dataset split of a computed reference (cached in WORKDIR/eval)
+    e.reference_limit = 50000  # computed reference: its first this many images (0 = all)
+    e.batch_size = 256  # images per sampling and feature call (global; a multiple of devices)
+    e.chunk_size = 5000  # sample ids per resumable shard (a rerun reuses finished shards)
+    e.save_samples = True  # keep the uint8 samples in the shards too (not only features)
+    e.ema_index = 0  # which EMA copy of the checkpoint is scored
+    return e
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -123,4 +178,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.training = _training()
     config.optim = _optim()
     config.sampling = _sampling()
+    config.edit = _edit()
+    config.eval = _eval()
     return config

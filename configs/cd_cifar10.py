@@ -14,4 +14,5 @@ def get_config(metric: str = "lpips"):
     _paper.cd(config, metric, num_scales=18, target_ema=0.0, lr=LR.get(metric, 4e-4),
               steps=800000)  # fmt: skip
     config.sampling.update(steps=18, ts=())  # one step; (0, 11, 17) for two (notebook example)
+    config.eval.settings = ("1", "0,11,17")
     return config

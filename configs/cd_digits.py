@@ -14,4 +14,5 @@ def get_config():
         teacher_checkpoint="runs/edm_digits/checkpoints",
     )  # fmt: skip
     config.sampling.update(steps=18, ts=())
+    config.eval.settings = ("1", "0,11,17")
     return config

@@ -7,4 +7,5 @@ def get_config():
     config = _paper.cifar10(_paper.new())
     _paper.ct(config, end_scales=150, start_ema=0.9, lr=4e-4, steps=800000)
     config.sampling.update(steps=151, ts=())
+    config.eval.settings = ("1",)
     return config

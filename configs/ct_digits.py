@@ -10,4 +10,5 @@ def get_config():
         start_scales=2, end_scales=40, start_ema=0.9, num_steps=1500, total_steps=1500,
     )  # fmt: skip
     config.sampling.update(steps=41, ts=())
+    config.eval.settings = ("1", "0,22,40")  # two steps: sigma 80, then 1.58
     return config

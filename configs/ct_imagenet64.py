@@ -11,4 +11,5 @@ def get_config():
     config = _paper.imagenet64(_paper.new())
     _paper.ct(config, end_scales=200, start_ema=0.95, lr=1e-4, steps=800000)
     config.sampling.update(steps=201, ts=(0, 106, 200))
+    config.eval.settings = ("1", "0,106,200")
     return config

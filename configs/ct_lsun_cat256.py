@@ -7,4 +7,5 @@ def get_config():
     config = _paper.lsun256(_paper.new(), name="image_folder")
     _paper.ct(config, end_scales=150, start_ema=0.95, lr=5e-5, steps=1000000)
     config.sampling.update(steps=151, ts=(0, 62, 150))
+    config.eval.settings = ("1", "0,62,150")
     return config

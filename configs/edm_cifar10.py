@@ -13,4 +13,5 @@ def get_config():
     config.model.dropout = 0.13
     config.optim.update(optimizer="adam", lr=1e-3, warmup_steps=19531)  # 1e7 images / 512
     config.sampling.teacher_steps = 18  # Heun, 35 network evaluations
+    config.eval.settings = ("18",)
     return config

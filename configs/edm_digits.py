@@ -8,4 +8,5 @@ def get_config():
     config.training.update(loss="edm", num_steps=2000)
     config.optim.update(optimizer="adam", lr=1e-3, warmup_steps=200)
     config.sampling.teacher_steps = 18
+    config.eval.settings = ("18",)
     return config

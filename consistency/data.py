@@ -155,13 +155,14 @@ def make_batches(
 ) -> Iterator[dict]:
     """Infinite local batches; batch k is a function of (seed, k) alone, so resuming repeats none.
 
-    The shuffled stream (reshuffled every epoch) is dealt round-robin to the processes: process p
-    reads elements p, p + P, p + 2P, ... of it, so each host reads only its own shard.
+    The shuffled stream (reshuffled every epoch) is cut into blocks of local_batch examples, dealt
+    round-robin: process p's batch k is block k P + p, rows [p b, (p+1) b) of the global batch k
+    (b = local_batch, P = process_count). Each host reads only its own rows, and the global batch
+    (and each example's random flip) is the same for any number of processes.
     """
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    ds = ds[process_index::process_count]
     ds = ds.random_map(Preprocess(image_size, num_channels, random_flip), seed=seed + 1)
-    ds = ds.batch(local_batch, drop_remainder=True)[start_step:]
+    ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count][start_step:]
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
     return iter(ds.to_iter_dataset(options))
 

@@ -1,4 +1,4 @@
-"""Per-example distances d(x, y) -> [B]: l1, l2 (per-sample means), pseudo-Huber."""
+"""Per-example distances d(x, y) -> [B]: l1, l2 (per-sample means), l2 norm, pseudo-Huber."""
 
 import math
 from collections.abc import Callable
@@ -6,7 +6,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-DISTANCES = ("l1", "l2", "pseudo_huber")
+DISTANCES = ("l1", "l2", "l2_norm", "pseudo_huber")
 
 
 def _flat(x: jax.Array) -> jax.Array:
@@ -21,6 +21,11 @@ def l1(x: jax.Array, y: jax.Array) -> jax.Array:
 def l2(x: jax.Array, y: jax.Array) -> jax.Array:
     """mean (x - y)^2 over all but the batch axis (the official code's 'l2': a per-sample mean)."""
     return jnp.mean((_flat(x) - _flat(y)) ** 2, axis=1)
+
+
+def l2_norm(x: jax.Array, y: jax.Array) -> jax.Array:
+    """||x - y||_2 over all but the batch axis (jcm's continuous-time 'l2': a norm, not squared)."""
+    return jnp.sqrt(jnp.sum((_flat(x) - _flat(y)) ** 2, axis=1))
 
 
 def pseudo_huber(x: jax.Array, y: jax.Array, *, c: float) -> jax.Array:
@@ -45,6 +50,8 @@ def get_distance(
         return l1
     if name == "l2":
         return l2
+    if name == "l2_norm":
+        return l2_norm
     if name == "pseudo_huber":
         if huber_c is None:
             if data_dim is None:

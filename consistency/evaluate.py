@@ -38,8 +38,10 @@ def save_png(path: str | pathlib.Path, image_uint8: np.ndarray) -> None:
 
 
 def sample_sigmas(config) -> np.ndarray:
-    """Evaluation sigmas of the configured consistency sampler: one step, or indices ts."""
+    """Evaluation sigmas of the configured consistency sampler: explicit sigmas, one step, or ts."""
     s, m = config.sampling, config.model
+    if s.sigmas:
+        return np.asarray(s.sigmas, np.float32)
     if not s.ts:
         return np.asarray([m.sigma_max], np.float32)
     return samplers.index_sigmas(

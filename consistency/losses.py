@@ -1,4 +1,8 @@
-"""Training losses, each returning per-example values [B] and a metrics dict: EDM DSM, CD, CT."""
+"""Training losses, each returning per-example values [B] and a metrics dict.
+
+EDM DSM; discrete CD and CT (with iCT's index sampling and weighting as options); ECT;
+continuous-time CD/CT (jcm); sCM (sCT/sCD in TrigFlow).
+"""
 
 from collections.abc import Callable
 
@@ -6,20 +10,25 @@ import jax
 import jax.numpy as jnp
 
 from consistency.distances import l2
-from consistency.parameterization import SIGMA_DATA, broadcast_to, get_weighting
+from consistency.parameterization import SIGMA_DATA, broadcast_to, get_weighting, trigflow_time
 from consistency.schedules import (
     RHO,
     SIGMA_MAX,
     SIGMA_MIN,
+    ect_r,
     karras_sigma,
     sample_lognormal_sigma,
+    sample_rho_uniform_sigma,
     sample_train_indices,
 )
 
 # fn(params, x, sigma [B], dropout_key) -> output: a preconditioned network.
 ModelFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
 Distance = Callable[[jax.Array, jax.Array], jax.Array]
-Weighting = Callable[[jax.Array], jax.Array]
+# weighting(sigma, sigma_next=None) -> [B]; iCT's 1/(sigma - sigma_next) needs the pair.
+Weighting = Callable[..., jax.Array]
+# index_sampler(key, batch, num_scales) -> grid indices i of the pairs (sigma_i, sigma_{i+1}).
+IndexSampler = Callable[[jax.Array, int, jax.Array], jax.Array]
 Metrics = dict[str, jax.Array]
 
 
@@ -72,7 +81,7 @@ def consistency_loss_at(
     distance: Distance,
     weighting: Weighting,
 ) -> jax.Array:
-    """lambda(t) d(f_theta(x0 + t z, t), f_theta-(x_t2, t2)) with given noise levels and noise.
+    """lambda(t, t2) d(f_theta(x0 + t z, t), f_theta-(x_t2, t2)) with given noise levels and noise.
 
     x_t2 is the teacher's step from (x0 + t z, t) to t2. The target branch sees the SAME noise z
     and the SAME dropout key as the online branch, and no gradient flows through it.
@@ -81,14 +90,15 @@ def consistency_loss_at(
     x_t2 = jax.lax.stop_gradient(teacher_step(x_t, t, t2, x0, z))
     online = consistency_fn(params, x_t, t, dropout_key)
     target = jax.lax.stop_gradient(consistency_fn(target_params, x_t2, t2, dropout_key))
-    return _check_per_example(weighting(t) * distance(online, target), x0.shape[0])
+    return _check_per_example(weighting(t, t2) * distance(online, target), x0.shape[0])
 
 
 def _discrete_consistency_loss(
-    consistency_fn, params, target_params, teacher_step, x0, key, *, num_scales, grid, **kw
-) -> tuple[jax.Array, Metrics]:
+    consistency_fn, params, target_params, teacher_step, x0, key, *, num_scales, grid,
+    index_sampler, **kw,
+) -> tuple[jax.Array, Metrics]:  # fmt: skip
     k_idx, k_z, k_drop = jax.random.split(key, 3)
-    index = sample_train_indices(k_idx, x0.shape[0], num_scales)
+    index = (index_sampler or sample_train_indices)(k_idx, x0.shape[0], num_scales)
     t = karras_sigma(index, num_scales, **grid)
     t2 = karras_sigma(index + 1, num_scales, **grid)
     z = jax.random.normal(k_z, x0.shape, jnp.float32)
@@ -113,10 +123,11 @@ def consistency_distillation_loss(
     sigma_min: float = SIGMA_MIN,
     sigma_max: float = SIGMA_MAX,
     rho: float = RHO,
+    index_sampler: IndexSampler | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """L_CD^N: lambda(t_i) d(f_theta(x_{t_i}, t_i), f_theta-(x^phi_{t_{i+1}}, t_{i+1})).
 
-    i ~ U{0, ..., N-2}.
+    i ~ U{0, ..., N-2}, or `index_sampler` (e.g. iCT's discretised lognormal).
 
     x^phi_{t_{i+1}} is one `solver` step (Heun or Euler, from `ode`) of the frozen EDM teacher
     `teacher_denoise(x, sigma)` from x_{t_i} = x0 + t_i z.
@@ -129,6 +140,7 @@ def consistency_distillation_loss(
     return _discrete_consistency_loss(
         consistency_fn, params, target_params, teacher_step, x0, key,
         num_scales=num_scales, grid=grid, distance=distance, weighting=weighting,
+        index_sampler=index_sampler,
     )  # fmt: skip
 
 
@@ -145,11 +157,13 @@ def consistency_training_loss(
     sigma_min: float = SIGMA_MIN,
     sigma_max: float = SIGMA_MAX,
     rho: float = RHO,
+    index_sampler: IndexSampler | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """L_CT^N: lambda(t_i) d(f_theta(x0 + t_i z, t_i), f_theta-(x0 + t_{i+1} z, t_{i+1})).
 
     The teacher is replaced by the data point x0 (the unbiased score estimate), so the target's
-    input is x0 + t_{i+1} z with the same z.
+    input is x0 + t_{i+1} z with the same z. iCT is this loss with target_params = params,
+    lognormal indices, the 'ict' weighting and the pseudo-Huber distance.
     """
 
     def data_step(x_t, t, t2, x0, z):
@@ -159,4 +173,164 @@ def consistency_training_loss(
     return _discrete_consistency_loss(
         consistency_fn, params, target_params, data_step, x0, key,
         num_scales=num_scales, grid=grid, distance=distance, weighting=weighting,
+        index_sampler=index_sampler,
     )  # fmt: skip
+
+
+def easy_consistency_loss(
+    consistency_fn: ModelFn,
+    params,
+    x0: jax.Array,
+    key: jax.Array,
+    step: jax.Array,
+    *,
+    distance: Distance,
+    weighting: Weighting,
+    p_mean: float = -1.1,
+    p_std: float = 2.0,
+    q: float = 2.0,
+    k: float = 8.0,
+    b: float = 1.0,
+    stage_steps: int = 25000,
+    sigma_min: float = SIGMA_MIN,
+) -> tuple[jax.Array, Metrics]:
+    """ECT: lambda(t) d(f_theta(x0 + t z, t), sg f_theta(x0 + r z, r)), ln t ~ N(P_mean, P_std^2).
+
+    r = schedules.ect_r(t, step): dt = t - r shrinks by q every stage. The target is x0 where r is
+    below sigma_min (where f(x, eps) = x); both passes share z and the dropout key.
+    """
+    k_t, k_z, k_drop = jax.random.split(key, 3)
+    t = sample_lognormal_sigma(k_t, x0.shape[0], p_mean=p_mean, p_std=p_std)
+    r = ect_r(t, step, q=q, k=k, b=b, stage_steps=stage_steps)
+    z = jax.random.normal(k_z, x0.shape, jnp.float32)
+    online = consistency_fn(params, x0 + broadcast_to(t, x0) * z, t, k_drop)
+    r_safe = jnp.maximum(r, sigma_min)
+    target = consistency_fn(params, x0 + broadcast_to(r_safe, x0) * z, r_safe, k_drop)
+    target = jax.lax.stop_gradient(jnp.where(broadcast_to(r >= sigma_min, x0), target, x0))
+    losses = weighting(t, r) * distance(online, target)
+    return _check_per_example(losses, x0.shape[0]), {"sigma": t, "r": r}
+
+
+def continuous_consistency_loss(
+    consistency_fn: ModelFn,
+    params,
+    x0: jax.Array,
+    key: jax.Array,
+    *,
+    teacher_denoise: Callable[[jax.Array, jax.Array], jax.Array] | None,
+    stopgrad: bool,
+    distance: Distance,
+    weighting: Weighting,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
+) -> tuple[jax.Array, Metrics]:
+    """L^inf (CM paper, jcm): v = d/ds f(x_t + s t score, t - s) at s = 0, by one jax.jvp.
+
+    loss = lambda(t) d(v, 0) (gradient through the JVP), or with `stopgrad` the pseudo-loss
+    -lambda(t) sum(sg(v) f_theta(x_t, t)), whose gradient is the l2 CM loss's as dt -> 0.
+    score = (D(x_t, t) - x_t)/t^2 of the frozen teacher (CD), or (x0 - x_t)/t^2 (CT), so the x
+    tangent t score is (D - x_t)/t, or -z. t^(1/rho) is uniform between the grid's ends.
+    """
+    k_t, k_z, k_drop = jax.random.split(key, 3)
+    t = sample_rho_uniform_sigma(
+        k_t, x0.shape[0], sigma_min=sigma_min, sigma_max=sigma_max, rho=rho
+    )
+    z = jax.random.normal(k_z, x0.shape, jnp.float32)
+    x_t = x0 + broadcast_to(t, x0) * z
+    if teacher_denoise is None:
+        x_tangent = -z
+    else:
+        x_tangent = jax.lax.stop_gradient((teacher_denoise(x_t, t) - x_t) / broadcast_to(t, x0))
+    f = lambda x, s: consistency_fn(params, x, s, k_drop)  # noqa: E731
+    out, v = consistency_tangent(f, x_t, t, x_tangent)
+    if stopgrad:
+        flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
+        per = -jnp.sum(flat(jax.lax.stop_gradient(v)) * flat(out), axis=1)
+    else:
+        per = distance(v, jnp.zeros_like(v))
+    return _check_per_example(weighting(t) * per, x0.shape[0]), {"sigma": t}
+
+
+def consistency_tangent(
+    fn: Callable[[jax.Array, jax.Array], jax.Array],
+    x_t: jax.Array,
+    t: jax.Array,
+    x_tangent: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """(f(x_t, t), v), v = d/ds f(x_t + s x_tangent, t - s) at s = 0, by one forward-mode pass.
+
+    With x_tangent = t score(x_t, t), v is the derivative of f along the PF-ODE backwards in t
+    (jcm's continuous-time `diffs`).
+    """
+    return jax.jvp(fn, (x_t, t), (x_tangent, -jnp.ones_like(t)))
+
+
+def trigflow_tangent(
+    fn: Callable[[jax.Array, jax.Array], jax.Array],
+    x_t: jax.Array,
+    t: jax.Array,
+    dxdt: jax.Array,
+    *,
+    warmup: jax.Array | float = 1.0,
+    sigma_data: float = SIGMA_DATA,
+) -> tuple[jax.Array, jax.Array]:
+    """(F, g): g = -cos^2 t (sd F - dx/dt) - r cos t sin t (x_t + sd dF/dt) (sCM Eq. 6, Alg. 1).
+
+    At r = 1, g = cos t df/dt for f = cos t x_t - sin t sd F(x_t/sd, t). cos t sin t sd dF/dt
+    is one jax.jvp of F = fn(x_in, t) at (x_t/sd, t) along (cos t sin t dx/dt, cos t sin t sd),
+    the rearrangement that keeps the tangent finite as t -> 0 and t -> pi/2.
+    """
+    cos, sin = broadcast_to(jnp.cos(t), x_t), broadcast_to(jnp.sin(t), x_t)
+    cs = jnp.cos(t) * jnp.sin(t)
+    F, jvp = jax.jvp(fn, (x_t / sigma_data, t), (broadcast_to(cs, x_t) * dxdt, cs * sigma_data))
+    return F, -(cos**2) * (sigma_data * F - dxdt) - warmup * (cos * sin * x_t + jvp)
+
+
+# net_fn(params, x_in, t, dropout_key) -> F_theta(x_in, t), the raw TrigFlow network (c_noise = t).
+TrigFlowNet = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def scm_loss(
+    net_fn: TrigFlowNet,
+    logvar_fn: Callable[[object, jax.Array], jax.Array],
+    params,
+    x0: jax.Array,
+    key: jax.Array,
+    *,
+    velocity_fn: Callable[[jax.Array, jax.Array], jax.Array] | None,
+    warmup: jax.Array | float,
+    sigma_data: float = SIGMA_DATA,
+    p_mean: float = -1.0,
+    p_std: float = 1.4,
+    tangent_c: float = 0.1,
+) -> tuple[jax.Array, Metrics]:
+    """sCM (Lu & Song 2024, Alg. 1): e^w(t)/D ||F_theta - F_theta- - g||^2 - w(t).
+
+    x_t = cos t x0 + sin t z, z ~ N(0, sd^2 I), sd tan t = e^tau, tau ~ N(P_mean, P_std^2);
+    g = trigflow_tangent of F- = sg(F_theta), normalised g/(||g|| + c); dx/dt = cos t z -
+    sin t x0 (sCT) or `velocity_fn(x_t, t)` (sCD); `warmup` is r; w = `logvar_fn(params, t)`
+    is the learned adaptive weighting. Both passes share the dropout key.
+    """
+    k_t, k_z, k_drop = jax.random.split(key, 3)
+    batch, dim = x0.shape[0], x0[0].size
+    sigma = sample_lognormal_sigma(k_t, batch, p_mean=p_mean, p_std=p_std)
+    t = trigflow_time(sigma, sigma_data=sigma_data)
+    cos, sin = broadcast_to(jnp.cos(t), x0), broadcast_to(jnp.sin(t), x0)
+    z = sigma_data * jax.random.normal(k_z, x0.shape, jnp.float32)
+    x_t = cos * x0 + sin * z
+    if velocity_fn is None:
+        dxdt = cos * z - sin * x0
+    else:
+        dxdt = jax.lax.stop_gradient(velocity_fn(x_t, t))
+    frozen = jax.lax.stop_gradient(params)
+    f_minus = lambda x_in, tt: net_fn(frozen, x_in, tt, k_drop)  # noqa: E731
+    F_minus, g = trigflow_tangent(f_minus, x_t, t, dxdt, warmup=warmup, sigma_data=sigma_data)
+    g_norm = jnp.sqrt(jnp.sum(g.reshape(batch, -1) ** 2, axis=1))
+    g = g / broadcast_to(g_norm + tangent_c, g)
+    F = net_fn(params, x_t / sigma_data, t, k_drop)
+    mse = jnp.sum((F - jax.lax.stop_gradient(F_minus + g)).reshape(batch, -1) ** 2, axis=1)
+    w = logvar_fn(params, t)
+    losses = jnp.exp(w) / dim * mse - w
+    metrics = {"sigma": sigma, "logvar": w, "tangent_norm": g_norm / jnp.sqrt(dim)}
+    return _check_per_example(losses, batch), metrics

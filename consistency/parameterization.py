@@ -1,4 +1,4 @@
-"""Preconditioning: EDM and boundary-condition scalings, noise conditioning, loss weightings."""
+"""Preconditioning: EDM, boundary and TrigFlow scalings, noise conditioning, loss weightings."""
 
 from collections.abc import Callable
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 SIGMA_DATA = 0.5
-WEIGHTINGS = ("uniform", "snr", "snr+1", "karras", "truncated-snr")
+WEIGHTINGS = ("uniform", "snr", "snr+1", "karras", "truncated-snr", "ict")
 NOISE_CONDITIONINGS = ("adm", "ncsnpp")
 
 Scalings = tuple[jax.Array, jax.Array, jax.Array]
@@ -34,6 +34,22 @@ def boundary_scalings(
     c_out = (sigma - sigma_min) * sigma_data / jnp.sqrt(sigma**2 + sigma_data**2)
     c_in = 1.0 / jnp.sqrt(sigma**2 + sigma_data**2)
     return c_skip, c_out, c_in
+
+
+def trigflow_time(sigma: jax.Array, *, sigma_data: float = SIGMA_DATA) -> jax.Array:
+    """t = arctan(sigma / sd): TrigFlow time of the EDM noise level sigma = sd tan t (sCM)."""
+    return jnp.arctan(jnp.asarray(sigma, jnp.float32) / sigma_data)
+
+
+def trigflow_scalings(sigma: jax.Array, *, sigma_data: float = SIGMA_DATA) -> Scalings:
+    """sCM's f = cos t x_t - sin t sd F(x_t/sd, t) on EDM inputs x_sigma = x_t / cos t.
+
+    c_skip = cos^2 t, c_out = -sd sin t, c_in = cos t / sd: EDM's c_skip and c_in, and minus
+    EDM's c_out, under sigma = sd tan t. f(x, 0) = x, so no sigma_min shift is needed; the
+    network's noise input is c_noise = t (`trigflow_time`).
+    """
+    t = trigflow_time(sigma, sigma_data=sigma_data)
+    return jnp.cos(t) ** 2, -sigma_data * jnp.sin(t), jnp.cos(t) / sigma_data
 
 
 def c_noise_adm(sigma: jax.Array) -> jax.Array:
@@ -84,16 +100,25 @@ def snr(sigma: jax.Array) -> jax.Array:
     return jnp.asarray(sigma, jnp.float32) ** -2
 
 
-def get_weighting(name: str, *, sigma_data: float = SIGMA_DATA) -> Callable[[jax.Array], jax.Array]:
-    """Loss weighting lambda(sigma): uniform, snr, snr+1, karras (snr + 1/sd^2), truncated-snr."""
+def get_weighting(name: str, *, sigma_data: float = SIGMA_DATA) -> Callable[..., jax.Array]:
+    """lambda(sigma, sigma_next=None): uniform, snr, snr+1, karras (snr + 1/sd^2), truncated-snr,
+    and ict = 1/(sigma - sigma_next), iCT's weighting of a grid pair (needs sigma_next).
+    """
     if name == "uniform":
-        return lambda s: jnp.ones_like(jnp.asarray(s, jnp.float32))
+        return lambda s, s_next=None: jnp.ones_like(jnp.asarray(s, jnp.float32))
     if name == "snr":
-        return snr
+        return lambda s, s_next=None: snr(s)
     if name == "snr+1":
-        return lambda s: snr(s) + 1
+        return lambda s, s_next=None: snr(s) + 1
     if name == "karras":
-        return lambda s: snr(s) + 1.0 / sigma_data**2
+        return lambda s, s_next=None: snr(s) + 1.0 / sigma_data**2
     if name == "truncated-snr":
-        return lambda s: jnp.maximum(snr(s), 1.0)
+        return lambda s, s_next=None: jnp.maximum(snr(s), 1.0)
+    if name == "ict":
+        return ict_weighting
     raise ValueError(f"unknown weighting: {name!r}; choose one of {WEIGHTINGS}")
+
+
+def ict_weighting(sigma: jax.Array, sigma_next: jax.Array) -> jax.Array:
+    """lambda(sigma_i) = 1/(sigma_i - sigma_{i+1}) for the pair sigma_i > sigma_{i+1} (iCT)."""
+    return 1.0 / (jnp.asarray(sigma, jnp.float32) - jnp.asarray(sigma_next, jnp.float32))

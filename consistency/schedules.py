@@ -1,5 +1,7 @@
 """Noise grids and curricula: the Karras sigma grid, N(k) and mu(k), training noise levels."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ SIGMA_MAX = 80.0
 RHO = 7.0
 
 TARGET_EMA_MODES = ("fixed", "adaptive")
-SCALE_MODES = ("fixed", "progressive", "progdist")
+SCALE_MODES = ("fixed", "progressive", "progdist", "exponential")
 
 
 def karras_sigma(
@@ -71,6 +73,19 @@ def adaptive_num_scales(
     return n + 1
 
 
+def exponential_num_scales(
+    step: jax.Array, *, start_scales: int, end_scales: int, total_steps: int
+) -> jax.Array:
+    """iCT: N(k) = min(s0 2^floor(k/K'), s1) + 1, K' = floor(K / (log2 floor(s1/s0) + 1)).
+
+    s0 = 10, s1 = 1280, K = 400k gives N = 11, 21, 41, ..., 1281, each for K' = 50k steps.
+    """
+    stage_len = max(total_steps // (int(math.log2(end_scales // start_scales)) + 1), 1)
+    doublings = jnp.minimum(jnp.asarray(step, jnp.int32) // stage_len, 30)
+    n = jnp.minimum(start_scales * 2.0 ** doublings.astype(jnp.float32), end_scales)
+    return n.astype(jnp.int32) + 1
+
+
 def adaptive_target_ema(num_scales: jax.Array, *, start_ema: float, start_scales: int) -> jax.Array:
     """mu(k) = exp(s0 ln(mu0) / (N(k) - 1)) = mu0^(s0/(N(k)-1)), with N - 1 as the official code."""
     n = jnp.asarray(num_scales, jnp.float32) - 1.0
@@ -104,13 +119,17 @@ def ema_and_scales(
     """(mu(k), N(k)) for the configured curriculum, as traced functions of the step.
 
     Modes (as the official code): fixed/fixed, adaptive/progressive, fixed/progressive (fixed
-    mu with progressive N) and fixed/progdist (mu = 1).
+    mu with progressive N) and fixed/progdist (mu = 1); iCT adds fixed/exponential.
     """
     validate_schedule(target_ema_mode, scale_mode, start_scales, end_scales)
     if scale_mode == "fixed":
         num_scales = jnp.asarray(start_scales, jnp.int32)
     elif scale_mode == "progressive":
         num_scales = adaptive_num_scales(
+            step, start_scales=start_scales, end_scales=end_scales, total_steps=total_steps
+        )
+    elif scale_mode == "exponential":
+        num_scales = exponential_num_scales(
             step, start_scales=start_scales, end_scales=end_scales, total_steps=total_steps
         )
     else:
@@ -141,7 +160,7 @@ def validate_schedule(target_ema_mode: str, scale_mode: str, start_scales: int, 
         raise ValueError(f"progdist needs start_scales a power of 2, got {start_scales}")
     if scale_mode != "progdist" and int(start_scales) < 2:
         raise ValueError(f"start_scales (N) must be >= 2, got {start_scales}")
-    if scale_mode == "progressive" and end_scales < start_scales:
+    if scale_mode in ("progressive", "exponential") and end_scales < start_scales:
         raise ValueError(f"end_scales ({end_scales}) must be >= start_scales ({start_scales})")
 
 
@@ -155,3 +174,78 @@ def sample_lognormal_sigma(
 ) -> jax.Array:
     """ln sigma ~ N(P_mean, P_std^2) (EDM training noise levels)."""
     return jnp.exp(p_mean + p_std * jax.random.normal(key, (batch,)))
+
+
+def max_num_scales(scale_mode: str, *, start_scales: int, end_scales: int) -> int:
+    """The largest N(k) a curriculum reaches: the static size of index distributions over it."""
+    if scale_mode in ("progressive", "exponential"):
+        return end_scales + 1
+    return start_scales
+
+
+def lognormal_index_probs(
+    num_scales: jax.Array | int,
+    *,
+    max_scales: int,
+    p_mean: float = -1.1,
+    p_std: float = 2.0,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
+) -> jax.Array:
+    """iCT: p(i) ~ erf((ln s_i - P_mean)/(sqrt2 P_std)) - erf((ln s_{i+1} - P_mean)/(sqrt2 P_std)).
+
+    For the pairs (s_i > s_{i+1}), i = 0..N-2, of the N-point Karras grid; returned over a static
+    [max_scales - 1] with zeros past N - 2, so N may be traced.
+    """
+    index = jnp.arange(max_scales - 1)
+    n = jnp.asarray(num_scales, jnp.int32)
+    valid = index < n - 1
+    safe = jnp.minimum(index, n - 2)
+    grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    cdf = lambda s: jax.scipy.special.erf((jnp.log(s) - p_mean) / (math.sqrt(2.0) * p_std))  # noqa: E731
+    mass = cdf(karras_sigma(safe, n, **grid)) - cdf(karras_sigma(safe + 1, n, **grid))
+    mass = jnp.where(valid, mass, 0.0)
+    return mass / jnp.sum(mass)
+
+
+def sample_lognormal_indices(
+    key: jax.Array, batch: int, num_scales: jax.Array, *, max_scales: int, **kwargs
+) -> jax.Array:
+    """i ~ lognormal_index_probs(N) (iCT's discretised lognormal over the pairs of the grid)."""
+    probs = lognormal_index_probs(num_scales, max_scales=max_scales, **kwargs)
+    logits = jnp.where(probs > 0, jnp.log(jnp.maximum(probs, 1e-38)), -jnp.inf)
+    return jax.random.categorical(key, logits, shape=(batch,)).astype(jnp.int32)
+
+
+def sample_rho_uniform_sigma(
+    key: jax.Array,
+    batch: int,
+    *,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
+) -> jax.Array:
+    """sigma^(1/rho) ~ U[sigma_max^(1/rho), sigma_min^(1/rho)]: the continuous Karras grid (jcm)."""
+    u = jax.random.uniform(key, (batch,))
+    return karras_sigma(u, 2, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+
+
+def ect_r(
+    t: jax.Array, step: jax.Array, *, q: float, k: float, b: float, stage_steps: int
+) -> jax.Array:
+    """ECT: r = max(t (1 - n(t)/q^(stage+1)), 0), n(t) = 1 + k sigmoid(-b t), stage = step // len.
+
+    dt = t - r shrinks by a factor q every stage_steps steps; r = 0 makes the target x0.
+    """
+    stage = jnp.asarray(step, jnp.int32) // stage_steps
+    decay = jnp.float32(q) ** -(stage.astype(jnp.float32) + 1.0)
+    n = 1.0 + k * jax.nn.sigmoid(-b * t)
+    return jnp.maximum(t * (1.0 - n * decay), 0.0)
+
+
+def tangent_warmup(step: jax.Array, warmup_steps: int) -> jax.Array:
+    """sCM: r = min(1, k/H), the weight of the unstable tangent term (H = 10k in the paper)."""
+    if warmup_steps <= 0:
+        return jnp.float32(1.0)
+    return jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)

@@ -116,6 +116,18 @@ def test_dropout_needs_rng_and_acts_only_in_training(first):
     assert np.abs(np.asarray(a - b)).max() > 1e-3
 
 
+def test_dropout_only_at_coarse_resolutions(first):
+    """dropout_min_ds (iCT/sCM: feature maps <= 16): finer blocks run without dropout."""
+    model, params = first["model"], first["params"]
+    x, t, y = _inputs(first["ref"], model)
+    coarsest = 2 ** (len(model.channel_mult) - 1)
+    none = model.clone(dropout=0.5, dropout_min_ds=2 * coarsest)
+    jax.eval_shape(lambda: none.apply(params, x, t, y, train=True))  # no dropout rng needed
+    with pytest.raises(Exception, match="dropout"):
+        some = model.clone(dropout=0.5, dropout_min_ds=coarsest)
+        jax.eval_shape(lambda: some.apply(params, x, t, y, train=True))
+
+
 def test_labels_required_exactly_when_class_conditional(loaded):
     model, params = loaded["model"], loaded["params"]
     x, t, y = _inputs(loaded["ref"], model)

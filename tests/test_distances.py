@@ -36,3 +36,12 @@ def test_get_distance_builds_ict_constant_and_rejects_unknown():
         distances.get_distance("l3")
     with pytest.raises(ValueError, match="needs huber_c or data_dim"):
         distances.get_distance("pseudo_huber")
+
+
+def test_ict_c_for_cifar10_and_l2_norm():
+    assert round(distances.ict_pseudo_huber_c(3 * 32 * 32), 4) == 0.0299
+    assert round(distances.ict_pseudo_huber_c(3 * 64 * 64), 4) == 0.0599
+    x = jnp.arange(24.0).reshape(2, 3, 4)
+    norm = np.linalg.norm(np.arange(24.0).reshape(2, 12), axis=1)
+    np.testing.assert_allclose(distances.get_distance("l2_norm")(x, 0 * x), norm, rtol=1e-6)
+    np.testing.assert_allclose(distances.pseudo_huber(x, 0 * x, c=0.0), distances.l2_norm(x, 0 * x))

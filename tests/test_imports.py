@@ -25,6 +25,12 @@ ALLOWED = {
     "train": {"*"},
     "evaluate": {"*"},
     "builders": {"*"},
+    "scoring": {"*"},  # --mode=eval: config -> samples, features and metrics of checkpoints
+    # The digits FID's classifier: trained on the digits data, its network from models/.
+    "classifier": {"data", "models.*"},
+    "editor": {"*"},  # --mode=edit: config -> editing tasks on a checkpoint's model
+    # The convert command: config -> network, an official checkpoint -> our checkpoint format.
+    "convert.cli": {"*"},
 }
 
 

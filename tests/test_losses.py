@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from consistency import losses, ode, schedules
-from consistency.distances import l2
+from consistency.distances import l2, l2_norm
 from consistency.parameterization import get_weighting
 
 UNIFORM = get_weighting("uniform")
@@ -137,3 +137,133 @@ def test_per_example_shape_is_enforced():
             jnp.ones((3, 3)), jax.random.key(0), distance=lambda a, b: (a - b) ** 2,
             weighting=UNIFORM,
         )  # fmt: skip
+
+
+def test_continuous_tangent_matches_finite_differences():
+    x = jax.random.normal(jax.random.key(10), (3, 5))
+    u = jax.random.normal(jax.random.key(11), (3, 5))
+    t = jnp.array([0.3, 1.0, 4.0])
+    f = lambda x, s: jnp.tanh(x * s[:, None]) + s[:, None] ** 2 * x  # noqa: E731
+    out, v = losses.consistency_tangent(f, x, t, u)
+    h = 1e-2  # central differences of s -> f(x + s u, t - s)
+    fd = (f(x + h * u, t - h) - f(x - h * u, t + h)) / (2 * h)
+    np.testing.assert_allclose(out, f(x, t), rtol=1e-6)
+    np.testing.assert_allclose(v, fd, rtol=1e-3, atol=1e-3)
+
+
+def test_trigflow_tangent_is_cos_t_times_df_dt_along_the_path():
+    sd = 0.5
+    x0 = jax.random.normal(jax.random.key(12), (3, 5))
+    z = sd * jax.random.normal(jax.random.key(13), (3, 5))
+    net = lambda x_in, t: jnp.tanh(x_in) * jnp.cos(3 * t)[:, None] + t[:, None] * x_in**2  # noqa: E731
+    path = lambda t: jnp.cos(t)[:, None] * x0 + jnp.sin(t)[:, None] * z  # noqa: E731
+
+    def f(t):  # the TrigFlow consistency function on the CT path x_t(t)
+        return jnp.cos(t)[:, None] * path(t) - jnp.sin(t)[:, None] * sd * net(path(t) / sd, t)
+
+    t = jnp.array([0.2, 0.8, 1.4])
+    dxdt = jnp.cos(t)[:, None] * z - jnp.sin(t)[:, None] * x0
+    F, g = losses.trigflow_tangent(net, path(t), t, dxdt, sigma_data=sd)
+    h = 1e-2
+    fd = jnp.cos(t)[:, None] * (f(t + h) - f(t - h)) / (2 * h)
+    np.testing.assert_allclose(F, net(path(t) / sd, t), rtol=1e-6)
+    np.testing.assert_allclose(g, fd, rtol=2e-3, atol=2e-3)
+    _, g0 = losses.trigflow_tangent(net, path(t), t, dxdt, warmup=0.0, sigma_data=sd)
+    np.testing.assert_allclose(g0, -(jnp.cos(t)[:, None] ** 2) * (sd * F - dxdt), rtol=1e-5)
+
+
+def _const_in_x(params, x, sigma, key):
+    """f = w h(sigma), h = sigma/(1 + sigma): v = -w h'(t), h' = 1/(1 + t)^2."""
+    return params["w"] * jnp.broadcast_to((sigma / (1 + sigma))[:, None], x.shape)
+
+
+def test_continuous_losses_closed_form_value_and_gradient():
+    x0, key, params = jnp.zeros((64, 16)), jax.random.key(14), {"w": jnp.float32(1.5)}
+    common = dict(teacher_denoise=None, distance=l2_norm, weighting=UNIFORM)
+    per, m = losses.continuous_consistency_loss(_const_in_x, params, x0, key, stopgrad=False,
+                                                **common)  # fmt: skip
+    t = np.asarray(m["sigma"])
+    h, dh = t / (1 + t), 1 / (1 + t) ** 2
+    np.testing.assert_allclose(per, 4.0 * 1.5 * dh, rtol=1e-5)  # ||v|| = sqrt(16) w h'
+    assert t.min() >= 0.002 and t.max() <= 80.0
+
+    def pseudo(p):
+        per, _ = losses.continuous_consistency_loss(_const_in_x, p, x0, key, stopgrad=True,
+                                                    **common)  # fmt: skip
+        return per.mean(), per
+
+    (_, per), grad = jax.value_and_grad(pseudo, has_aux=True)(params)
+    np.testing.assert_allclose(per, 16 * 1.5**2 * h * dh, rtol=1e-5)
+    # The gradient of the l2 CM loss / (2 dt) as dt -> 0: D w h(t) h'(t), through f only.
+    np.testing.assert_allclose(grad["w"], np.mean(16 * 1.5 * h * dh), rtol=1e-5)
+
+
+def test_continuous_cd_tangent_follows_the_teacher():
+    x0, key = jnp.zeros((32, 8)), jax.random.key(15)
+    identity = lambda params, x, sigma, k: x  # noqa: E731
+    kw = dict(stopgrad=False, distance=l2_norm, weighting=UNIFORM)
+    ct, _ = losses.continuous_consistency_loss(identity, None, x0, key, teacher_denoise=None, **kw)
+    teacher = lambda x, s: 0.3 * x  # noqa: E731  # x0 = 0: t score = (0.3 - 1) z
+    cd, _ = losses.continuous_consistency_loss(identity, None, x0, key, teacher_denoise=teacher,
+                                               **kw)  # fmt: skip
+    np.testing.assert_allclose(cd / ct, 0.7, rtol=1e-5)
+
+
+def test_ect_target_is_x0_then_x0_plus_r_z():
+    x0, identity = jnp.zeros((256, 8)), lambda params, x, sigma, key: x  # noqa: E731
+    kw = dict(distance=relative_sq, weighting=UNIFORM, q=2.0, stage_steps=10)
+    for step in (0, 35):
+        per, m = losses.easy_consistency_loss(identity, None, x0, jax.random.key(16), step, **kw)
+        t, r = np.asarray(m["sigma"]), np.asarray(m["r"])
+        r_eff = np.where(r >= 0.002, r, 0.0)
+        np.testing.assert_allclose(per, (1 - r_eff / t) ** 2, rtol=1e-4, atol=1e-7)
+        assert (r == 0).mean() > 0.5 if step == 0 else np.all(r >= 0.43 * t)  # n(t) <= 9
+
+
+def test_ect_shares_noise_and_dropout_between_passes():
+    def dropout_fn(params, x, sigma, key):
+        return x + 0.1 * jax.random.normal(key, x.shape)
+
+    # Stage 40: r = t (1 - n(t) 2^-41) = t, so online and target differ only if masks differ.
+    per, _ = losses.easy_consistency_loss(
+        dropout_fn, None, jnp.ones((8, 6)), jax.random.key(17), 400, distance=l2,
+        weighting=UNIFORM, p_mean=1.0, p_std=0.1, stage_steps=10,
+    )  # fmt: skip
+    np.testing.assert_allclose(per, 0.0, atol=1e-10)
+
+
+def test_ict_is_ct_with_lognormal_pairs_and_inverse_gap_weight():
+    n = 11
+    sampler = functools.partial(schedules.sample_lognormal_indices, max_scales=1281)
+    per, metrics = losses.consistency_training_loss(
+        scale_fn, {"w": jnp.float32(2.0)}, {"w": jnp.float32(2.0)}, jnp.zeros((256, 8)),
+        jax.random.key(18), num_scales=n, distance=relative_sq, weighting=get_weighting("ict"),
+        index_sampler=sampler,
+    )  # fmt: skip
+    t, t2 = _t_t2(metrics, n)
+    np.testing.assert_allclose(per, (1 - t2 / t) ** 2 / (t - t2), rtol=2e-4)
+    # Lognormal pairs concentrate on small sigma: the top pairs are rare.
+    assert np.mean(np.asarray(metrics["index"]) < 3) < 0.15
+
+
+def test_scm_loss_value_and_gradient_signs():
+    """F = w x_in on x0 = 0: g = cos t (cos 2t - w sin 2t) z; descent moves w toward cot 2t."""
+    net = lambda p, x_in, t, key: p["w"] * x_in  # noqa: E731
+    logvar = lambda p, t: jnp.full(t.shape, p["lv"])  # noqa: E731
+    params = {"w": jnp.float32(0.3), "lv": jnp.float32(0.5)}
+
+    @jax.jit
+    def run(params, key):
+        def mean_loss(p):
+            per, m = losses.scm_loss(net, logvar, p, jnp.zeros((1, 32)), key, velocity_fn=None,
+                                     warmup=1.0, tangent_c=0.0)  # fmt: skip
+            return per.mean(), (per, m)
+
+        return jax.value_and_grad(mean_loss, has_aux=True)(params)
+
+    for k in range(6):
+        (_, (per, m)), grad = run(params, jax.random.key(19 + k))
+        t = float(np.arctan(float(m["sigma"][0]) / 0.5))
+        np.testing.assert_allclose(per, np.exp(0.5) / 32 - 0.5, rtol=1e-5)  # ||g_hat|| = 1
+        np.testing.assert_allclose(grad["lv"], np.exp(0.5) / 32 - 1, rtol=1e-5)
+        assert np.sign(float(grad["w"])) == -np.sign(np.cos(2 * t) - 0.3 * np.sin(2 * t))

@@ -73,3 +73,38 @@ def test_unknown_names_list_choices():
         P.get_weighting("edm")
     with pytest.raises(ValueError, match="choose one of.*ncsnpp"):
         P.get_noise_conditioning("fourier")
+
+
+def test_trigflow_scalings_equal_edm_under_sigma_sd_tan_t():
+    t = jnp.linspace(0.01, 1.56, 50)
+    sigma = 0.5 * jnp.tan(t)
+    c_skip, c_out, c_in = P.trigflow_scalings(sigma, sigma_data=0.5)
+    e_skip, e_out, e_in = P.edm_scalings(sigma, sigma_data=0.5)
+    np.testing.assert_allclose(c_skip, e_skip, rtol=1e-5)
+    np.testing.assert_allclose(c_out, -e_out, rtol=1e-5)  # TrigFlow's c_out = -sd sin t
+    np.testing.assert_allclose(c_in, e_in, rtol=1e-5)
+    np.testing.assert_allclose(P.trigflow_time(sigma, sigma_data=0.5), t, rtol=1e-5)
+
+
+def test_trigflow_consistency_fn_in_edm_coordinates():
+    """precondition(trigflow) at (x_t / cos t, sd tan t) = cos t x_t - sin t sd F(x_t/sd, t)."""
+    sd, t = 0.5, jnp.array([0.3, 1.1])
+    x_t = jax.random.normal(jax.random.key(2), (2, 6))
+    net = lambda x_in, c: jnp.tanh(x_in) * (1 + c[:, None])  # noqa: E731
+    f = P.precondition(
+        net, x_t / jnp.cos(t)[:, None], sd * jnp.tan(t),
+        scalings=lambda s: P.trigflow_scalings(s, sigma_data=sd),
+        noise_cond=lambda s: P.trigflow_time(s, sigma_data=sd),
+    )  # fmt: skip
+    c, s = jnp.cos(t)[:, None], jnp.sin(t)[:, None]
+    np.testing.assert_allclose(f, c * x_t - s * sd * net(x_t / sd, t), rtol=1e-5, atol=1e-6)
+    zero = P.precondition(
+        net, x_t, jnp.zeros(2), scalings=P.trigflow_scalings, noise_cond=P.trigflow_time
+    )
+    np.testing.assert_array_equal(zero, x_t)  # f(x, 0) = x by construction
+
+
+def test_ict_weighting_needs_the_pair_and_others_accept_it():
+    t, t2 = jnp.array([1.0, 80.0]), jnp.array([0.5, 57.586])
+    np.testing.assert_allclose(P.get_weighting("ict")(t, t2), 1 / (t - t2), rtol=1e-6)
+    np.testing.assert_allclose(P.get_weighting("snr")(t, t2), P.get_weighting("snr")(t))

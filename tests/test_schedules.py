@@ -1,5 +1,7 @@
 """Schedules against the official code's recorded grids and curricula (cm and jcm fixtures)."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,3 +156,59 @@ def test_lognormal_sigma_moments():
     s = schedules.sample_lognormal_sigma(jax.random.key(1), 200_000, p_mean=-1.2, p_std=1.2)
     logs = np.log(np.asarray(s))
     assert abs(logs.mean() + 1.2) < 0.01 and abs(logs.std() - 1.2) < 0.01
+
+
+def test_ict_exponential_curriculum_doubles_every_k_prime():
+    fn = jax.jit(
+        lambda step: schedules.ema_and_scales(
+            step, target_ema_mode="fixed", scale_mode="exponential", start_ema=0.0,
+            start_scales=10, end_scales=1280, total_steps=400_000,
+        )
+    )  # fmt: skip
+    # K' = floor(400k / (log2 floor(1280/10) + 1)) = 50k steps per stage.
+    ns = [int(fn(jnp.int32(k))[1]) for k in range(0, 450_000, 50_000)]
+    assert ns == [11, 21, 41, 81, 161, 321, 641, 1281, 1281]
+    assert int(fn(jnp.int32(49_999))[1]) == 11 and float(fn(jnp.int32(7))[0]) == 0.0
+    assert schedules.max_num_scales("exponential", start_scales=10, end_scales=1280) == 1281
+
+
+def test_lognormal_index_probabilities():
+    grid = dict(sigma_min=0.002, sigma_max=80.0, rho=7.0)
+    probs = jax.jit(lambda n: schedules.lognormal_index_probs(n, max_scales=1281, **grid))
+    for n in (2, 11, 1281):  # N traced: one compilation
+        p = np.asarray(probs(jnp.int32(n)))
+        assert p.shape == (1280,) and np.all(p[: n - 1] > 0) and np.all(p[n - 1 :] == 0)
+        np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-5)
+    # By hand for N = 3: pairs (80, s1) and (s1, 0.002), s1 = ((80^(1/7) + 0.002^(1/7))/2)^7.
+    s1 = ((80 ** (1 / 7) + 0.002 ** (1 / 7)) / 2) ** 7
+    cdf = lambda s: math.erf((math.log(s) + 1.1) / (math.sqrt(2) * 2.0))  # noqa: E731
+    mass = np.array([cdf(80) - cdf(s1), cdf(s1) - cdf(0.002)])
+    p = schedules.lognormal_index_probs(3, max_scales=3, p_mean=-1.1, p_std=2.0, **grid)
+    np.testing.assert_allclose(p, mass / mass.sum(), rtol=1e-5)
+    idx = schedules.sample_lognormal_indices(
+        jax.random.key(0), 20_000, jnp.int32(11), max_scales=21, **grid
+    )
+    freq = np.bincount(np.asarray(idx), minlength=10) / 20_000
+    expect = np.asarray(schedules.lognormal_index_probs(11, max_scales=11, **grid))
+    np.testing.assert_allclose(freq, expect, atol=0.01)
+
+
+def test_ect_r_by_hand():
+    t = jnp.array([1.0, 10.0])
+    n = 1 + 8 / (1 + np.exp(np.array([1.0, 10.0])))  # n(t) = 1 + 8 sigmoid(-t)
+    kw = dict(q=2.0, k=8.0, b=1.0, stage_steps=100)
+    np.testing.assert_allclose(schedules.ect_r(t, 0, **kw), np.maximum([1, 10] * (1 - n / 2), 0))
+    # Stage 3 (steps 300-399): dt = t n(t) / 2^4.
+    r = schedules.ect_r(t, jnp.int32(399), **kw)
+    np.testing.assert_allclose(r, [1, 10] * (1 - n / 16), rtol=1e-6)
+    assert float(schedules.ect_r(t, 0, **kw)[0]) == 0.0  # n(1)/2 > 1: target x0
+
+
+def test_tangent_warmup_and_rho_uniform_sigma():
+    np.testing.assert_allclose(
+        [float(schedules.tangent_warmup(k, 100)) for k in (0, 50, 100, 500)], [0, 0.5, 1, 1]
+    )
+    assert float(schedules.tangent_warmup(0, 0)) == 1.0
+    s = np.asarray(schedules.sample_rho_uniform_sigma(jax.random.key(2), 50_000))
+    u = (s ** (1 / 7) - 80 ** (1 / 7)) / (0.002 ** (1 / 7) - 80 ** (1 / 7))
+    assert s.min() >= 0.002 and s.max() <= 80.0 and abs(u.mean() - 0.5) < 0.01

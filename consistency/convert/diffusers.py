@@ -192,17 +192,23 @@ def diffusers_to_cm_state_dict(
     return out
 
 
-def load_diffusers_unet(folder: str | pathlib.Path, **overrides: Any) -> tuple[ADMUNet, dict]:
-    """(model, {'params': ...}) from a UNet2DModel folder (config.json + .safetensors or .bin)."""
+def read_diffusers_folder(folder: str | pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(UNet2DModel config, diffusers state dict) of a folder: config.json + .safetensors/.bin."""
     folder = pathlib.Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a UNet2DModel folder)")
     config = json.loads((folder / "config.json").read_text())
     weights = folder / "diffusion_pytorch_model.safetensors"
     if weights.exists():
-        state = read_safetensors(weights)
-    elif (folder / "diffusion_pytorch_model.bin").exists():
-        state = load_torch_state_dict(folder / "diffusion_pytorch_model.bin")
-    else:
-        raise FileNotFoundError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin")
+        return config, read_safetensors(weights)
+    if (folder / "diffusion_pytorch_model.bin").exists():
+        return config, load_torch_state_dict(folder / "diffusion_pytorch_model.bin")
+    raise FileNotFoundError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin")
+
+
+def load_diffusers_unet(folder: str | pathlib.Path, **overrides: Any) -> tuple[ADMUNet, dict]:
+    """(model, {'params': ...}) from a UNet2DModel folder (config.json + .safetensors or .bin)."""
+    config, state = read_diffusers_folder(folder)
     model = adm_from_diffusers_config(config, **overrides)
     cm_state = diffusers_to_cm_state_dict(state, config)
     return model, cm_state_dict_to_flax(

@@ -64,6 +64,7 @@ class ADMUNet(nn.Module):
     attention_resolutions: tuple[int, ...] = ()
     channel_mult: tuple[float, ...] = (1, 2, 4, 8)
     dropout: float = 0.0
+    dropout_min_ds: int = 1  # dropout only in blocks at downsample factor >= this (iCT, sCM)
     conv_resample: bool = True
     num_classes: int | None = None
     num_heads: int = 1
@@ -90,10 +91,12 @@ class ADMUNet(nn.Module):
             heads, attention_impl=self.attention_impl, dtype=self.dtype, name=name
         )
 
-    def _res(self, out_ch: int, name: str, up: bool = False, down: bool = False) -> ResBlock:
+    def _res(
+        self, out_ch: int, name: str, ds: int, up: bool = False, down: bool = False
+    ) -> ResBlock:
         return ResBlock(
             out_ch,
-            dropout=self.dropout,
+            dropout=self.dropout if ds >= self.dropout_min_ds else 0.0,
             use_scale_shift_norm=self.use_scale_shift_norm,
             up=up,
             down=down,
@@ -122,7 +125,9 @@ class ADMUNet(nn.Module):
         hs, i, ds = [h], 1, 1
         for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
-                h = self._res(int(mult * self.model_channels), f"input_blocks_{i}_0")(h, emb, train)
+                h = self._res(int(mult * self.model_channels), f"input_blocks_{i}_0", ds)(
+                    h, emb, train
+                )
                 if ds in self.attention_resolutions:
                     h = self._attn(h.shape[-1], f"input_blocks_{i}_1")(h)
                 hs.append(h)
@@ -130,7 +135,7 @@ class ADMUNet(nn.Module):
             if level != len(self.channel_mult) - 1:
                 name, ch = f"input_blocks_{i}_0", h.shape[-1]
                 if self.resblock_updown:
-                    h = self._res(ch, name, down=True)(h, emb, train)
+                    h = self._res(ch, name, ds, down=True)(h, emb, train)
                 else:
                     h = Downsample(ch, self.conv_resample, dtype=self.dtype, name=name)(h)
                 hs.append(h)
@@ -143,7 +148,7 @@ class ADMUNet(nn.Module):
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for j in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, hs.pop()], axis=-1)
-                h = self._res(int(mult * self.model_channels), f"output_blocks_{i}_0")(
+                h = self._res(int(mult * self.model_channels), f"output_blocks_{i}_0", ds)(
                     h, emb, train
                 )
                 k = 1
@@ -153,7 +158,7 @@ class ADMUNet(nn.Module):
                 if level and j == self.num_res_blocks:
                     name, ch = f"output_blocks_{i}_{k}", h.shape[-1]
                     if self.resblock_updown:
-                        h = self._res(ch, name, up=True)(h, emb, train)
+                        h = self._res(ch, name, ds, up=True)(h, emb, train)
                     else:
                         h = Upsample(ch, self.conv_resample, dtype=self.dtype, name=name)(h)
                     ds //= 2
@@ -167,10 +172,10 @@ class ADMUNet(nn.Module):
         """F(x [B,H,W,C], noise_cond [B], y [B] int or None) -> [B,H,W,out_channels] float32."""
         emb = self._embed(noise_cond, y)
         h, hs = self._down(x.astype(self.dtype), emb, train)
-        ch = h.shape[-1]
-        h = self._res(ch, "middle_block_0")(h, emb, train)
+        ch, ds = h.shape[-1], 2 ** (len(self.channel_mult) - 1)
+        h = self._res(ch, "middle_block_0", ds)(h, emb, train)
         h = self._attn(ch, "middle_block_1")(h)
-        h = self._res(ch, "middle_block_2")(h, emb, train)
+        h = self._res(ch, "middle_block_2", ds)(h, emb, train)
         h = self._up(h, hs, emb, train).astype(jnp.float32)
         h = nn.silu(GroupNorm32(name="out_0")(h))
         zeros = nn.initializers.zeros

@@ -18,8 +18,8 @@ RESIZE_BELOW = 256
 RESIZE_TO = 224
 
 
-def resize_for_lpips(x: jax.Array) -> jax.Array:
-    """Bilinear resize of NHWC images to 224x224 when they are smaller than 256 px.
+def resize_for_lpips(x: jax.Array, size: int = RESIZE_TO) -> jax.Array:
+    """Bilinear resize of NHWC images to size x size (224) when they are smaller than 256 px.
 
     No antialias, half-pixel centres: torch `F.interpolate(mode='bilinear', align_corners=False)`
     as cm calls it, and `jax.image.resize(..., 'bilinear')` as jcm calls it (equal when upsampling).
@@ -27,7 +27,7 @@ def resize_for_lpips(x: jax.Array) -> jax.Array:
     batch, height, width, channels = x.shape
     if min(height, width) >= RESIZE_BELOW:
         return x
-    shape = (batch, RESIZE_TO, RESIZE_TO, channels)
+    shape = (batch, size, size, channels)
     return jax.image.resize(x, shape, method="bilinear", antialias=False)
 
 

@@ -1,0 +1,133 @@
+"""Speed and memory of a config's jitted train step on synthetic data, on CPU, GPU or TPU.
+
+    python benchmarks/train_step.py --config=configs/ct_cifar10.py \\
+        --config.training.distance=l2 --config.training.batch_size=8 --peak_tflops=989
+
+prints compile time, steady optimiser steps/s and images/s, model FLOPs per step (XLA's cost
+analysis of the compiled step, every device), achieved FLOP/s, MFU against --peak_tflops per
+device, and memory (XLA's memory analysis; the allocator's peak where the device reports one),
+as a table and then one JSON line. CD configs get a randomly initialised teacher.
+"""
+
+import functools
+import json
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from consistency import builders, sharding, train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_integer("steps", 10, "Timed calls of the step, after 2 warm-up calls.")
+flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device, for the MFU (0: no MFU).")
+flags.mark_flags_as_required(["config"])
+
+TEACHER_LOSSES = ("cd", "cd_continuous", "scd")
+
+
+def _batch(config, mesh):
+    t, d = config.training, config.data
+    rng = np.random.default_rng(0)
+    shape = (t.n_jitted_steps, t.batch_size, d.image_size, d.image_size, d.num_channels)
+    local = {
+        "image": rng.uniform(-1.0, 1.0, shape).astype(np.float32),
+        "label": rng.integers(0, max(d.num_classes, 1), shape[:2]).astype(np.int32),
+    }
+    return jax.device_put(local, sharding.stacked_batch_sharding(mesh))
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def _memory(compiled) -> dict:
+    """Bytes per device: XLA's plan for the step, and the allocator's peak if the device has one."""
+    out = {}
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        out["arguments"] = mem.argument_size_in_bytes
+        out["outputs"] = mem.output_size_in_bytes
+        out["aliased"] = mem.alias_size_in_bytes
+        out["temp"] = mem.temp_size_in_bytes
+        out["planned_peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temp"]
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        out["device_peak"] = stats["peak_bytes_in_use"]
+    return out
+
+
+def measure(config, steps: int, peak_tflops: float) -> dict:
+    """Compile the configured step on all devices and time `steps` calls of it."""
+    t = config.training
+    mesh = sharding.make_mesh(t.mesh_fsdp)
+    network, tx = builders.build_network(config), builders.optimizer(config)
+    shardings = train.state_sharding(config, network, tx, mesh)
+    state = train.init_state(config, network, tx, mesh, shardings=shardings)
+    teacher = None
+    if t.loss in TEACHER_LOSSES:
+        teacher = jax.device_put(state.params, sharding.tree_sharding(mesh, state.params))
+    distance = jax.device_put(builders.distance_fn(config), sharding.replicated(mesh))
+    make_loss = functools.partial(builders.loss_fn, config, network)
+    step = train.make_train_step(config, network, tx, make_loss, mesh, state_shardings=shardings)
+    batch, key = _batch(config, mesh), jax.random.key(0)
+
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, teacher, distance, key).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(2):
+        state, metrics = compiled(state, batch, teacher, distance, key)
+    jax.block_until_ready((state, metrics))
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, batch, teacher, distance, key)
+    jax.block_until_ready((state, metrics))
+    seconds = time.perf_counter() - start
+
+    devices = mesh.devices.size
+    steps_per_s = steps * t.n_jitted_steps / seconds
+    # Cost analysis is per device and counts a lax.scan body once: scale by the trip counts.
+    scanned = train.scan_loops()
+    trips = (t.n_jitted_steps if scanned and t.n_jitted_steps > 1 else 1) * (
+        t.micro_batches if scanned and t.micro_batches > 1 else 1
+    )
+    flops = _flops(compiled) * devices * trips / t.n_jitted_steps
+    result = {
+        "config": config.model.name, "loss": t.loss, "distance": t.distance,
+        "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+        "devices": devices, "mesh": dict(mesh.shape), "batch": t.batch_size,
+        "micro_batches": t.micro_batches, "dtype": config.model.dtype, "remat": config.model.remat,
+        "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "compile_s": compile_s, "steps_per_s": steps_per_s,
+        "images_per_s": steps_per_s * t.batch_size, "flops_per_step": flops,
+        "achieved_tflops": flops * steps_per_s / 1e12, "loss_value": float(metrics["loss"]),
+        "memory_bytes": _memory(compiled),
+    }  # fmt: skip
+    if peak_tflops > 0:
+        result["mfu"] = result["achieved_tflops"] / (peak_tflops * devices)
+    return result
+
+
+def _table(result: dict) -> str:
+    rows = [(k, v) for k, v in result.items() if k != "memory_bytes"]
+    rows += [(f"memory {k} (MiB)", v / 2**20) for k, v in result["memory_bytes"].items()]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {fmt(v)}" for k, v in rows)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    result = measure(FLAGS.config, FLAGS.steps, FLAGS.peak_tflops)
+    print(_table(result))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,117 @@
+"""An official checkpoint -> our orbax checkpoint of the config's network (the convert command)."""
+
+import pathlib
+
+import numpy as np
+
+from consistency import builders, checkpoints, evaluate
+from consistency.convert import cm_pt, diffusers, jcm, torch_pt
+from consistency.train_state import TrainState
+
+# source -> the model.name its checkpoints fill.
+SOURCES = {"cm-pt": "adm", "jcm": "ncsnpp", "diffusers": "adm"}
+
+
+def _heads(channels: int, num_head_channels: int, num_heads: int) -> int:
+    return channels // num_head_channels if num_head_channels > 0 else num_heads
+
+
+def _check_diffusers_heads(dconfig: dict, module) -> None:
+    """Head counts shape no parameter, so compare them with the folder's config explicitly."""
+    theirs = diffusers.adm_from_diffusers_config(dconfig)
+    for mult in module.channel_mult:
+        ch = module.model_channels * mult
+        want = _heads(ch, theirs.num_head_channels, theirs.num_heads)
+        got = _heads(ch, module.num_head_channels, module.num_heads)
+        if want != got:
+            raise ValueError(
+                f"attention heads at {ch} channels: the diffusers folder has {want}, the config "
+                f"{got}; set model.adm.num_head_channels / num_heads to match"
+            )
+
+
+def read_params(source: str, checkpoint: str, template, *, module=None, jcm_tree="params_ema"):
+    """Converted float32 numpy params of `checkpoint`, filling `template` (shapes) exactly.
+
+    Every checkpoint tensor must land on a parameter of equal shape and every parameter must be
+    filled; the first mismatch raises an error naming the key. `module` (the config's network)
+    lets diffusers folders also be checked for the head layout that shapes do not show.
+    """
+    if source == "cm-pt":
+        state = torch_pt.load_torch_state_dict(checkpoint)
+        params = cm_pt.cm_state_dict_to_flax(state, template)["params"]
+    elif source == "jcm":
+        params = jcm.load_jcm_params(checkpoint, which=jcm_tree)
+    elif source == "diffusers":
+        dconfig, state = diffusers.read_diffusers_folder(checkpoint)
+        if module is not None:
+            _check_diffusers_heads(dconfig, module)
+        cm_state = diffusers.diffusers_to_cm_state_dict(state, dconfig)
+        params = cm_pt.cm_state_dict_to_flax(cm_state, template)["params"]
+    else:
+        raise ValueError(f"unknown source: {source!r}; choose one of {tuple(SOURCES)}")
+    jcm.check_params(params, template)  # the same tree for every source, leaf by leaf
+    params = _float32(params)
+    bad = [k for k, v in _flat(params).items() if not np.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{checkpoint}: non-finite values in {bad[:5]}")
+    return params
+
+
+def _float32(tree):
+    if isinstance(tree, dict):
+        return {k: _float32(v) for k, v in tree.items()}
+    return np.asarray(tree, np.float32)
+
+
+def _flat(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}/{k}"))
+    return out
+
+
+def convert(config, *, source: str, checkpoint: str, out: str, jcm_tree="params_ema"):
+    """Write `checkpoint` (an official model) as step 0 of out/checkpoints in our format.
+
+    The state holds the converted weights as params, target params and the single EMA copy (no
+    optimiser state), with meta {model, params fingerprint} of the config's network: out works as
+    --workdir of --mode=sample/edit and out/checkpoints as training.teacher_checkpoint.
+    Returns (checkpoint dir, number of parameters).
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown source: {source!r}; choose one of {tuple(SOURCES)}")
+    if config.model.name != SOURCES[source]:
+        raise ValueError(
+            f"--source={source} checkpoints fill model.name={SOURCES[source]!r}, but the config "
+            f"builds {config.model.name!r}"
+        )
+    if not pathlib.Path(checkpoint).exists():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+    network = builders.build_network(config)
+    template = evaluate.abstract_params(config, network)
+    try:
+        params = read_params(source, checkpoint, template, module=network.module, jcm_tree=jcm_tree)
+    except (KeyError, ValueError) as e:
+        raise ValueError(
+            f"{checkpoint} does not fit the {config.model.name!r} network of this config (see "
+            f"model.{config.model.name}.* and data.*): {e.args[0]}"
+        ) from e
+    ckpt_dir = pathlib.Path(out) / "checkpoints"
+    writer = checkpoints.Checkpointer(ckpt_dir, max_to_keep=None)
+    if writer.latest_step() is not None:
+        raise FileExistsError(f"{ckpt_dir} already holds a checkpoint; choose a fresh --out")
+    state = TrainState(
+        step=np.zeros((), np.int32), params=params, target_params=params, ema_params=(params,),
+        opt_state=None,
+    )  # fmt: skip
+    meta = {
+        "model": config.model.name,
+        "params": checkpoints.param_fingerprint(template),
+        "converted_from": {"source": source, "checkpoint": str(checkpoint)},
+    }
+    writer.save(0, state, meta)
+    writer.close()
+    return ckpt_dir, sum(v.size for v in _flat(params).values())

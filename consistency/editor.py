@@ -1,0 +1,236 @@
+"""--mode=edit: zero-shot editing (Algorithm 4) of image files with a checkpoint's model."""
+
+import pathlib
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from consistency import builders, checkpoints, editing, evaluate, samplers
+
+TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
+DEFAULT_EVALUATIONS = 4  # network evaluations of the default ts (Algorithm 4 iterations)
+
+
+class EditResult(NamedTuple):
+    """Float NHWC images: inputs, the task's reference ('before'), edited output.
+
+    edited is not clipped: it keeps the known components exactly (Algorithm 4's R), which may
+    leave [-1, 1] (a white patch mean plus detail); the uint8 files clip it.
+    """
+
+    inputs: np.ndarray | None
+    reference: np.ndarray | None
+    edited: np.ndarray
+    out_dir: pathlib.Path
+    names: list[str]
+
+
+def validate(config) -> None:
+    """One clear message per bad edit key, before a checkpoint is read."""
+    e, d = config.edit, config.data
+    if e.task not in TASKS:
+        raise ValueError(f"unknown edit.task: {e.task!r}; choose one of {TASKS}")
+    if e.task == "colorize" and d.num_channels != 3:
+        raise ValueError(
+            f"edit.task='colorize' needs RGB images, but data.num_channels={d.num_channels}"
+        )
+    if e.task == "superres" and (e.patch_size < 1 or d.image_size % e.patch_size):
+        raise ValueError(f"edit.patch_size={e.patch_size} must divide data.image_size")
+    if e.task == "stroke" and not 0 <= e.stroke_index < e.steps - 1:
+        raise ValueError(f"edit.stroke_index={e.stroke_index} must lie in [0, edit.steps - 1)")
+    if e.task != "interpolate" and not e.input:
+        raise ValueError("edit.input: give a folder of PNGs or an .npz (arr_0 uint8 NHWC)")
+    if config.training.loss == "edm":
+        raise ValueError("--mode=edit needs a consistency model; training.loss='edm' is a teacher")
+
+
+def edit_sigmas(config) -> np.ndarray:
+    """Algorithm 4's levels: indices edit.ts of an edit.steps grid; by default a few even steps."""
+    e, m = config.edit, config.model
+    ts = tuple(e.ts)
+    if not ts:  # stroke guidance starts low on the grid (SDEdit), the others at sigma_max
+        start = e.stroke_index if e.task == "stroke" else 0
+        grid = np.linspace(start, e.steps - 1, DEFAULT_EVALUATIONS + 1)
+        ts = tuple(int(t) for t in np.unique(np.round(grid)))
+    return samplers.index_sigmas(
+        ts, e.steps, sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho
+    )
+
+
+def read_images(path, *, num_channels: int) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    """(uint8 NHWC images, names, labels or None) of a folder of PNGs or an ADM-format .npz."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        from PIL import Image
+
+        files = sorted(path.glob("*.png"))
+        if not files:
+            raise FileNotFoundError(f"edit.input: no .png files in {path}")
+        mode = "L" if num_channels == 1 else "RGB"
+        images = [np.asarray(Image.open(f).convert(mode)) for f in files]
+        if len({a.shape for a in images}) > 1:
+            raise ValueError(f"edit.input: the PNGs in {path} differ in size")
+        images = np.stack(images).reshape(len(files), *images[0].shape[:2], num_channels)
+        return images, [f.stem for f in files], None
+    if path.suffix == ".npz" and path.exists():
+        arrays = np.load(path)
+        images = arrays["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != num_channels:
+            raise ValueError(
+                f"edit.input: {path} arr_0 must be uint8 NHWC with {num_channels} channels, got "
+                f"{images.dtype} {images.shape}"
+            )
+        labels = arrays["arr_1"] if "arr_1" in arrays.files else None
+        return images, [f"{path.stem}_{k:04d}" for k in range(len(images))], labels
+    raise FileNotFoundError(f"edit.input: {path} is neither a folder of PNGs nor an .npz file")
+
+
+def read_mask(path: str, image_size: int) -> np.ndarray:
+    """[H, W, 1] float mask, 1 = known: a PNG (white = known), or a centred square hole."""
+    if not path:
+        mask = np.ones((image_size, image_size, 1), np.float32)
+        lo, hi = image_size // 4, image_size - image_size // 4
+        mask[lo:hi, lo:hi] = 0.0
+        return mask
+    from PIL import Image
+
+    mask = np.asarray(Image.open(path).convert("L"))
+    if mask.shape != (image_size, image_size):
+        raise ValueError(f"edit.mask {path} is {mask.shape}, the images {image_size}x{image_size}")
+    return (mask >= 128).astype(np.float32)[..., None]
+
+
+def _fit(images: np.ndarray, config) -> np.ndarray:
+    """Check the size; low-resolution superres inputs (size / patch_size) are upsampled."""
+    size, p = config.data.image_size, config.edit.patch_size
+    if config.edit.task == "superres" and images.shape[1:3] == (size // p, size // p):
+        images = images.repeat(p, axis=1).repeat(p, axis=2)  # nearest: patch means are the pixels
+    if images.shape[1:3] != (size, size):
+        raise ValueError(f"edit.input images are {images.shape[1:3]}, data.image_size is {size}")
+    return images
+
+
+def make_edit_fn(config, network: builders.Network):
+    """jitted fn(params, images, mask, labels, ids) -> (edited, reference) for edit.task."""
+    e, m = config.edit, config.model
+    task, p, noise_sigma = e.task, e.patch_size, e.noise_sigma
+    cm = builders.model_fn(network, config, "consistency")
+    sigmas, key = edit_sigmas(config), jax.random.key(e.seed)
+    levels = dict(sigma_min=m.sigma_min, sigma_max=m.sigma_max)
+    opts = dict(key=key, clip_denoised=config.sampling.clip_denoised, **levels)
+
+    def fn(params, images, mask, labels, ids):
+        f = lambda x, s: cm(params, x, s, labels, None)  # noqa: E731
+        if task == "inpaint":
+            return editing.inpaint(f, images, mask, sigmas, sample_ids=ids, **opts)
+        if task == "colorize":
+            return editing.colorize(f, images, sigmas, sample_ids=ids, **opts)
+        if task == "superres":
+            return editing.superresolve(f, images, sigmas, patch_size=p, sample_ids=ids, **opts)
+        if task == "stroke":
+            return editing.stroke_guided(f, images, sigmas, sample_ids=ids, **opts), images
+        noisy = images + noise_sigma * samplers.per_sample_normal(key, ids, images.shape[1:], 0)
+        return editing.denoise(f, noisy, noise_sigma, **levels), noisy
+
+    return jax.jit(fn)
+
+
+def _batched(fn, batch: int, *arrays):
+    """fn over slices of `batch` (the last one padded, then cut): one compiled shape."""
+    n, outs = len(arrays[0]), []
+    for start in range(0, n, batch):
+        rows = np.minimum(np.arange(start, start + batch), n - 1)  # pad with the last image
+        outs.append([np.asarray(o) for o in fn(*[a[rows] for a in arrays])])
+    return [np.concatenate(parts)[:n] for parts in zip(*outs, strict=True)]
+
+
+def _interpolate(config, network, params):
+    """Pairs of latents z0, z1 (fold_in(seed, pair)) and f(T slerp(z0, z1, a)) along a."""
+    e, d = config.edit, config.data
+    cm = builders.model_fn(network, config, "consistency")
+    ids, sigma_max = np.arange(e.num_pairs), config.model.sigma_max
+    shape, key = (d.image_size, d.image_size, d.num_channels), jax.random.key(e.seed)
+    alphas = jnp.linspace(0.0, 1.0, e.num_interpolations)
+
+    @jax.jit
+    def fn(params, labels):
+        z0 = samplers.per_sample_normal(key, ids, shape, 0)
+        z1 = samplers.per_sample_normal(key, ids, shape, 1)
+        f = lambda x, s: cm(params, x, s, jnp.tile(labels, len(alphas)), None)  # noqa: E731
+        x = editing.interpolate(f, z0, z1, alphas, sigma_max=sigma_max)  # [K, P, ...]
+        return jnp.swapaxes(x, 0, 1).reshape(-1, *shape)  # pair-major
+
+    labels = evaluate.sample_labels(config, ids)
+    edited = np.asarray(fn(params, jnp.asarray(labels)))
+    names = [f"pair{p:03d}_{k:02d}" for p in ids for k in range(e.num_interpolations)]
+    return edited, names, np.repeat(labels, e.num_interpolations)
+
+
+def load_checked_params(config, workdir, network, *, ema_index: int, step: int):
+    """EMA params of workdir/checkpoints (step -1: latest), checked against the config's network."""
+    ckpt_dir = pathlib.Path(workdir) / "checkpoints"
+    params, meta, step = checkpoints.load_params(
+        ckpt_dir, ema_index=ema_index, step=None if step < 0 else step
+    )
+    expected = checkpoints.param_fingerprint(evaluate.abstract_params(config, network))
+    found = {"model": meta.get("model"), "params": meta.get("params")}
+    checkpoints.check_same_model(
+        found, {"model": config.model.name, "params": expected}, str(ckpt_dir)
+    )
+    return params, step
+
+
+def write_edits(out_dir, stem: str, names, edited, labels, rows) -> pathlib.Path:
+    """name.png per image, stem.npz (arr_0 uint8 NHWC[, arr_1 labels]) and a grid of `rows`."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = evaluate.to_uint8(edited)
+    for name, image in zip(names, images, strict=True):
+        evaluate.save_png(out_dir / f"{name}.png", image)
+    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
+    np.savez(out_dir / f"{stem}.npz", **arrays)
+    grid = evaluate.image_grid(evaluate.to_uint8(np.concatenate(rows)), ncols=len(rows[0]))
+    evaluate.save_png(out_dir / "before_after.png", grid)
+    return out_dir / "before_after.png"
+
+
+def run_edit(config, workdir) -> EditResult:
+    """--mode=edit: edit.input edited by edit.task with EMA params of a checkpoint of workdir."""
+    validate(config)
+    e, d = config.edit, config.data
+    network = builders.build_network(config)
+    params, step = load_checked_params(
+        config, workdir, network, ema_index=e.ema_index, step=e.checkpoint_step
+    )
+    out_dir = pathlib.Path(e.out or pathlib.Path(workdir) / "edits" / e.task)
+    if e.task == "interpolate":
+        edited, names, labels = _interpolate(config, network, params)
+        k = e.num_interpolations
+        keep = labels if d.class_conditional else None
+        grid = write_edits(out_dir, "interpolations", names, edited, keep, list(
+            edited.reshape(-1, k, *edited.shape[1:])))  # fmt: skip
+        print(f"wrote {len(edited)} interpolations ({e.num_pairs} pairs) to {out_dir}; {grid}")
+        return EditResult(None, None, edited, out_dir, names)
+    images, names, labels = read_images(e.input, num_channels=d.num_channels)
+    images = _fit(images, config).astype(np.float32) / 127.5 - 1.0
+    ids = np.arange(len(images))
+    if labels is None:
+        labels = evaluate.sample_labels(config, ids)
+    mask = read_mask(e.mask, d.image_size)
+    masks = np.broadcast_to(mask, images.shape)
+    edit = make_edit_fn(config, network)
+    fn = lambda x, m, y, i: edit(params, x, m, y, i)  # noqa: E731
+    edited, reference = _batched(fn, config.sampling.batch_size, images, masks, labels, ids)
+    rows = [images, edited] if e.task == "stroke" else [images, reference, edited]
+    stem = pathlib.Path(e.input).stem
+    keep = labels if d.class_conditional else None
+    grid = write_edits(out_dir, stem, names, edited, keep, [r[:64] for r in rows])
+    levels = [e.noise_sigma] if e.task == "denoise" else edit_sigmas(config)
+    sigmas = ", ".join(f"{s:.3g}" for s in levels)
+    print(
+        f"{e.task}: wrote {len(edited)} images (sigmas {sigmas}; checkpoint step {step}) to "
+        f"{out_dir}; before/after grid {grid}"
+    )
+    return EditResult(images, reference, edited, out_dir, names)

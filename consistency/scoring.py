@@ -1,0 +1,367 @@
+"""--mode=eval: sample checkpoints in resumable shards, extract features, score vs a reference."""
+
+import hashlib
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from consistency import builders, checkpoints, classifier, data, evaluate, metrics, sharding
+from consistency.models import inception
+
+FEATURES = ("inception", "digits")
+ADM_REF_BATCHES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
+
+
+def setting_config(config, setting: str):
+    """A copy of config whose sampler is one eval setting.
+
+    Consistency models: "1" is one step from sigma_max, "i0,i1,...,N-1" indices ts on the
+    sampling.steps grid (Algorithm 1), "sigma=80,0.821" explicit noise levels. EDM teachers:
+    "N" is Heun on an N-point grid.
+    """
+    cfg = config.copy_and_resolve_references()
+    explicit = setting.startswith("sigma=")
+    parse = float if explicit else int
+    try:
+        values = [parse(v) for v in setting.removeprefix("sigma=").split(",")]
+    except ValueError:
+        values = []
+    if cfg.training.loss == "edm":
+        if explicit or len(values) != 1 or values[0] < 2:
+            raise ValueError(
+                f"eval.settings: EDM models take 'N' (Heun grid size), not {setting!r}"
+            )
+        cfg.sampling.teacher_steps = values[0]
+        return cfg
+    if not values or (not explicit and values != [1] and len(values) < 2):
+        raise ValueError(
+            f"eval.settings: give '1', 'i0,...,N-1' or 'sigma=s0,...', not {setting!r}"
+        )
+    cfg.sampling.sigmas = tuple(values) if explicit else ()
+    cfg.sampling.ts = () if explicit or values == [1] else tuple(values)
+    evaluate.sample_sigmas(cfg)  # a bad index list fails here, before any sampling
+    return cfg
+
+
+def feature_kind(config) -> str:
+    kind = config.eval.features
+    if kind not in FEATURES:
+        raise ValueError(f"unknown eval.features: {kind!r}; choose one of {FEATURES}")
+    return kind
+
+
+def make_extractor(config, cache_dir: pathlib.Path):
+    """uint8 NHWC images -> {"pool": [B, D] (FID, P/R, KID), "logits": [B, K] (IS)
+    [, "spatial": sFID]}: the FID Inception or the digits classifier."""
+    e = config.eval
+    if feature_kind(config) == "digits":
+        fn = classifier.make_feature_fn(classifier.load_or_train(cache_dir))
+
+        def digits(images):
+            out = fn(images)
+            return {"pool": out["features"], "logits": out["logits"]}
+
+        return digits
+    if not e.inception_path:
+        raise ValueError(
+            "eval.features='inception' needs eval.inception_path: pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth"
+        )
+    if not pathlib.Path(e.inception_path).is_file():
+        raise FileNotFoundError(f"eval.inception_path: no such file {e.inception_path!r}")
+    fn = inception.make_inception_fn(inception.load_inception_variables(e.inception_path))
+
+    def extract(images):
+        if images.shape[-1] == 1:  # grey images meet the RGB network as three equal channels
+            images = jnp.repeat(images, 3, axis=-1)
+        out = fn(images)
+        # ADM's Inception Score uses pool3 @ W without the bias.
+        return {"pool": out["pool3"], "spatial": out["spatial"], "logits": out["logits_nobias"]}
+
+    return extract
+
+
+def _gather(x) -> np.ndarray:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def features_of(images: np.ndarray, extract, mesh, batch: int) -> dict[str, np.ndarray]:
+    """Features of uint8 images, in global batches spread over the mesh (the last one padded)."""
+    index, count = sharding.process_rows(mesh, batch)
+    rows = slice(index * batch // count, (index + 1) * batch // count)
+    out = []
+    for start in range(0, len(images), batch):
+        part = images[start : start + batch]
+        padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part), axis=0)])
+        x = sharding.global_array(padded[rows], sharding.batch_sharding(mesh))
+        out.append({k: _gather(v)[: len(part)] for k, v in extract(x).items()})
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+def sample_ids(config, sample_fn, params, ids: np.ndarray, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 samples and labels of the given sample ids, eval.batch_size per call over the mesh.
+
+    Image k depends only on (sampling.seed, k): any split of the ids gives the same images.
+    """
+    batch = config.eval.batch_size
+    index, count = sharding.process_rows(mesh, batch)
+    rows = slice(index * batch // count, (index + 1) * batch // count)
+    key = jax.random.key(config.sampling.seed)
+    images, labels = [], []
+    for start in range(0, len(ids), batch):
+        part = ids[start : start + batch]
+        padded = np.concatenate([part, part[-1] + 1 + np.arange(batch - len(part))])
+        y = evaluate.sample_labels(config, padded)
+        local = {"ids": padded[rows].astype(np.int32), "labels": y[rows]}
+        g = sharding.global_array(local, sharding.batch_sharding(mesh))
+        x = sample_fn(params, key, g["ids"], g["labels"])
+        images.append(evaluate.to_uint8(_gather(x))[: len(part)])
+        labels.append(y[: len(part)])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _setting_dir(config, workdir, step: int, setting: str, kind: str) -> pathlib.Path:
+    """WORKDIR/eval/step_{k}/{setting}-{hash of everything the chunks depend on}."""
+    s, m, e = config.sampling, config.model, config.eval
+    keyed = dict(
+        setting=setting, seed=s.seed, ema=e.ema_index, features=kind,
+        inception=pathlib.Path(e.inception_path).name if kind == "inception" else "",
+        classifier=classifier.HPARAMS if kind == "digits" else {}, class_label=s.class_label,
+        clip=s.clip_denoised, grid=[m.sigma_min, m.sigma_max, m.rho, s.steps],
+    )  # fmt: skip
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
+    name = setting.replace(",", "-").replace("=", "-") + "-" + digest
+    return pathlib.Path(workdir) / "eval" / f"step_{step}" / name
+
+
+def _save_npz(path: pathlib.Path, arrays: dict) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def sample_features(config, network, params, out_dir: pathlib.Path, extract, mesh) -> dict:
+    """Features (and labels) of sample ids [0, eval.num_samples), reusing finished chunks."""
+    e = config.eval
+    sample_fn = evaluate.make_sample_fn(config, network)
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    # A shard is named by its id range: a partial last chunk of a smaller run is not reused.
+    ranges = [
+        (a, min(a + e.chunk_size, e.num_samples)) for a in range(0, e.num_samples, e.chunk_size)
+    ]
+    paths = [out_dir / f"chunk_{a:07d}-{b:07d}.npz" for a, b in ranges]
+    reused = 0
+    for c, ((start, stop), path) in enumerate(zip(ranges, paths, strict=True)):
+        # Every process must take the same branch: process 0's file system decides.
+        if bool(multihost_utils.broadcast_one_to_all(np.asarray(path.exists()))):
+            reused += 1
+            continue
+        ids = np.arange(start, stop)
+        images, labels = sample_ids(config, sample_fn, params, ids, mesh)
+        arrays = dict(features_of(images, extract, mesh, e.batch_size), labels=labels)
+        if e.save_samples:
+            arrays["images"] = images
+        if jax.process_index() == 0:
+            _save_npz(path, arrays)
+            print(f"  {out_dir.name}: chunk {c + 1}/{len(paths)} ({len(ids)} samples)", flush=True)
+    if reused and jax.process_index() == 0:
+        print(f"  {out_dir.name}: reused {reused}/{len(paths)} chunks", flush=True)
+    if jax.process_index() != 0:
+        return {}
+    parts = []
+    for path in paths:
+        with np.load(path) as stored:
+            parts.append({k: stored[k] for k in stored.files if k != "images"})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def reference_statistics(features: dict) -> dict[str, np.ndarray]:
+    """{"pool", "mu", "sigma"[, "mu_s", "sigma_s"]} of reference features."""
+    out = {"pool": features["pool"]}
+    out["mu"], out["sigma"] = metrics.feature_statistics(features["pool"])
+    if "spatial" in features:
+        out["mu_s"], out["sigma_s"] = metrics.feature_statistics(features["spatial"])
+    return out
+
+
+def split_features(config, split: str, extract, mesh, *, limit: int = 0) -> dict:
+    """Features of the first `limit` (0: all) images of a dataset split, read as training reads
+    them (data.Preprocess, no flips) and quantised back to the uint8 the samples meet."""
+    d, e = config.data, config.eval
+    source = data.make_source(d.name, split=split, data_dir=d.data_dir or None, folder=d.folder)
+    n = len(source) if limit <= 0 else min(limit, len(source))
+    prep = data.Preprocess(d.image_size, d.num_channels, random_flip=False)
+    rng = np.random.default_rng(0)
+    block = 16 * e.batch_size  # bounded memory for large splits
+    parts = []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        floats = np.stack([prep.random_map(source[i], rng)["image"] for i in range(start, stop)])
+        parts.append(features_of(evaluate.to_uint8(floats), extract, mesh, e.batch_size))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _cached(path: pathlib.Path, compute) -> dict:
+    """Load the npz at path, or compute (on every process: collectives) and write it (process 0)."""
+    if bool(multihost_utils.broadcast_one_to_all(np.asarray(path.exists()))):
+        with np.load(path) as stored:
+            return {k: stored[k] for k in stored.files}
+    result = compute()
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_npz(path, result)
+    return result
+
+
+def reference(config, workdir, extract, mesh, kind: str) -> tuple[dict, str]:
+    """({"mu", "sigma"[, "mu_s", "sigma_s"][, "pool"]}, description) of the reference set.
+
+    eval.reference: an ADM reference batch (stored mu/sigma are used for FID and sFID, as ADM
+    does; its images, arr_0, give the features for precision/recall and KID) or a mu/sigma npz.
+    '' computes them from the eval.reference_split images, cached in WORKDIR/eval.
+    """
+    e, d = config.eval, config.data
+    network_tag = classifier.HPARAMS if kind == "digits" else pathlib.Path(e.inception_path).name
+    if e.reference:
+        path = pathlib.Path(e.reference)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"eval.reference: no such file {e.reference!r} (ADM reference batches: "
+                f"{ADM_REF_BATCHES}imagenet/64/VIRTUAL_imagenet64_labeled.npz, ...)"
+            )
+        stored = metrics.load_reference_batch(path)
+        ref = {k: stored[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in stored}
+        if "arr_0" in stored:
+            st = path.stat()
+            tag = [str(path.resolve()), st.st_size, st.st_mtime_ns, kind, network_tag]
+            cache = path_for(workdir, "reference", tag)
+            images = stored["arr_0"]
+            ref = {**_cached(cache, lambda: reference_statistics(features_of(
+                images, extract, mesh, e.batch_size))), **ref}  # fmt: skip
+        if "mu" not in ref:
+            raise ValueError(f"eval.reference {path} holds neither mu/sigma nor images (arr_0)")
+        return ref, str(path)
+    tag = [d.name, e.reference_split, d.image_size, d.num_channels, e.reference_limit, kind,
+           network_tag]  # fmt: skip
+    cache = path_for(workdir, "reference", tag)
+    compute = lambda: reference_statistics(  # noqa: E731
+        split_features(config, e.reference_split, extract, mesh, limit=e.reference_limit)
+    )
+    limit = f", first {e.reference_limit}" if e.reference_limit > 0 else ""
+    return _cached(cache, compute), f"{d.name}:{e.reference_split}{limit}"
+
+
+def path_for(workdir, stem: str, tag) -> pathlib.Path:
+    digest = hashlib.sha256(json.dumps(tag, sort_keys=True).encode()).hexdigest()[:12]
+    return pathlib.Path(workdir) / "eval" / "cache" / f"{stem}-{digest}.npz"
+
+
+def score(samples: dict, ref: dict, *, kind: str) -> dict[str, float]:
+    """FID, and sFID, IS, precision/recall (k = 3) and KID where the features and reference allow.
+
+    Frechet distances use scipy's sqrtm for Inception features (the numbers pytorch-fid and the
+    ADM evaluator report) and the eigenvalue form for the digits features and whenever there are
+    no more samples than dimensions (the same quantity, well defined at low rank).
+    """
+
+    def frechet(features, mu, sigma):
+        low_rank = kind == "digits" or len(features) <= features.shape[1]
+        stats = metrics.feature_statistics(features)
+        return metrics.frechet_distance(*stats, mu, sigma, method="eig" if low_rank else "sqrtm")
+
+    out = {"fid": frechet(samples["pool"], ref["mu"], ref["sigma"])}
+    if "spatial" in samples and "mu_s" in ref:
+        out["sfid"] = frechet(samples["spatial"], ref["mu_s"], ref["sigma_s"])
+    out["is"] = metrics.inception_score(logits=samples["logits"], split_size=5000)
+    if "pool" in ref:
+        out["precision"], out["recall"] = metrics.precision_recall(ref["pool"], samples["pool"])
+        out["kid"], out["kid_std"] = metrics.kernel_inception_distance(samples["pool"], ref["pool"])
+    return out
+
+
+def _load_params(config, workdir, network, step: int | None):
+    """EMA params (eval.ema_index) of a checkpoint, checked against the config's network."""
+    ckpt_dir = pathlib.Path(workdir) / "checkpoints"
+    params, meta, step = checkpoints.load_params(
+        ckpt_dir, ema_index=config.eval.ema_index, step=step
+    )
+    expected = checkpoints.param_fingerprint(evaluate.abstract_params(config, network))
+    found = {"model": meta.get("model"), "params": meta.get("params")}
+    checkpoints.check_same_model(
+        found, {"model": config.model.name, "params": expected}, str(ckpt_dir)
+    )
+    return params, step
+
+
+def validate(config, mesh) -> dict:
+    """{setting: its config}, after one clear error per bad eval key."""
+    e = config.eval
+    feature_kind(config)
+    if not e.settings:
+        raise ValueError("eval.settings is empty: give e.g. ('1',) or ('1', '0,22,39')")
+    if e.num_samples < 2 or e.chunk_size < 1:
+        raise ValueError(f"eval.num_samples={e.num_samples} must be >= 2, chunk_size >= 1")
+    if e.batch_size % mesh.devices.size:
+        raise ValueError(
+            f"eval.batch_size={e.batch_size} must be divisible by the device count "
+            f"({mesh.devices.size})"
+        )
+    return {s: setting_config(config, s) for s in e.settings}
+
+
+def run_eval(config, workdir) -> dict[int, dict]:
+    """--mode=eval: {checkpoint step: {setting: metrics}}, also written as JSON and TensorBoard.
+
+    For each checkpoint (eval.checkpoint_steps) and sampler setting (eval.settings), sample ids
+    [0, eval.num_samples) are generated in chunks of eval.chunk_size: every global batch is
+    spread over the device mesh (each process computes its rows; sample k's noise is
+    fold_in(seed, k)), quantised to uint8 once and passed through the feature network (the FID
+    Inception, or the digits classifier). Process 0 writes each finished chunk (features, labels
+    and optionally the images) to WORKDIR/eval/step_{k}/{setting}-{hash}/; a rerun reuses the
+    chunks it finds, so an interrupted evaluation resumes. The metrics go to
+    WORKDIR/eval/metrics_step{k}.json and to TensorBoard (eval/{setting}/{metric}).
+    """
+    e = config.eval
+    workdir = pathlib.Path(workdir)
+    mesh = sharding.make_mesh()
+    configs = validate(config, mesh)
+    kind = feature_kind(config)
+    extract = make_extractor(config, workdir / "eval" / "cache")
+    ref, ref_name = reference(config, workdir, extract, mesh, kind)
+    network = builders.build_network(config)
+    writer = None
+    if jax.process_index() == 0:
+        from tensorboardX import SummaryWriter  # TensorBoard event files without TensorFlow
+
+        writer = SummaryWriter(str(workdir / "tensorboard"))
+    results = {}
+    for wanted in list(e.checkpoint_steps) or [None]:
+        params, step = _load_params(config, workdir, network, wanted)
+        params = jax.device_put(params, sharding.replicated(mesh))
+        results[step] = {}
+        for setting, cfg in configs.items():
+            start = time.time()
+            out_dir = _setting_dir(cfg, workdir, step, setting, kind)
+            samples = sample_features(cfg, network, params, out_dir, extract, mesh)
+            if jax.process_index() != 0:
+                continue
+            results[step][setting] = score(samples, ref, kind=kind)
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in results[step][setting].items())
+            print(f"step {step} setting {setting}: {shown}  ({time.time() - start:.1f} s)")
+            for name, value in results[step][setting].items():
+                writer.add_scalar(f"eval/{setting}/{name}", value, step)
+        if jax.process_index() == 0:
+            record = {
+                "step": step, "num_samples": e.num_samples, "features": kind, "reference": ref_name,
+                "ema_index": e.ema_index, "seed": config.sampling.seed, "settings": results[step],
+            }  # fmt: skip
+            checkpoints.write_json(workdir / "eval" / f"metrics_step{step}.json", record)
+    if writer is not None:
+        writer.close()
+    return results

@@ -1,0 +1,122 @@
+"""--mode=eval: the digits classifier, digits FID, split-invariant sampling, resumable scoring."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from consistency import builders, classifier, evaluate, scoring, sharding, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache directory holding the trained digits classifier (trained once per module)."""
+    directory = tmp_path_factory.mktemp("cache")
+    classifier.load_or_train(directory)
+    return directory
+
+
+def test_classifier_accuracy_on_the_test_split(cache, monkeypatch):
+    monkeypatch.setattr(classifier, "train", lambda *a, **k: pytest.fail("the cache was ignored"))
+    params = classifier.load_or_train(cache)
+    assert classifier.accuracy(params, "test") > 0.95
+    other = dict(classifier.HPARAMS, steps=301)
+    assert classifier.cache_path(cache, other) != classifier.cache_path(cache)
+
+
+def test_digits_fid_floor_and_noise(cache, tmp_path):
+    """The 'test' split scored against the 'train' reference (the floor) is close; noise is far."""
+    config, mesh = test_config.get_config(), sharding.make_mesh()
+    extract = scoring.make_extractor(config, cache)
+    ref, name = scoring.reference(config, tmp_path, extract, mesh, "digits")
+    assert name == "digits:train" and ref["pool"].shape == (1437, classifier.HPARAMS["features"])
+    floor = scoring.score(scoring.split_features(config, "test", extract, mesh), ref, kind="digits")
+    noise_images = np.random.default_rng(0).integers(0, 256, (360, 8, 8, 1), dtype=np.uint8)
+    noise_features = scoring.features_of(noise_images, extract, mesh, config.eval.batch_size)
+    noise = scoring.score(noise_features, ref, kind="digits")
+    assert 0 < floor["fid"] < 25 and noise["fid"] > 10 * floor["fid"]
+    assert floor["precision"] > 0.8 and noise["precision"] < 0.2
+    assert floor["is"] > 8 and noise["is"] < floor["is"]
+
+
+def test_sample_ids_do_not_depend_on_how_the_ids_are_split():
+    """Generating ids [0, n) in one call equals the concatenation of its two halves (8 devices)."""
+    config = scoring.setting_config(test_config.get_config(), "0,22,39")  # re-noises once
+    mesh = sharding.make_mesh()
+    network = builders.build_network(config)
+    x, y = np.zeros((1, 8, 8, 1), np.float32), np.zeros((1,), np.int32)
+    params = jax.device_get(jax.jit(network.init)(jax.random.key(0), x, y))
+    # A fresh network's output layer is zero: perturb every weight so samples vary.
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda v: v + 0.05 * rng.standard_normal(v.shape, np.float32), params)
+    params = jax.device_put(params, sharding.replicated(mesh))
+    sample_fn = evaluate.make_sample_fn(config, network)
+    ids = np.arange(40)  # batches of 32: the whole is one full and one padded batch
+    whole, labels = scoring.sample_ids(config, sample_fn, params, ids, mesh)
+    first, _ = scoring.sample_ids(config, sample_fn, params, ids[:20], mesh)
+    second, _ = scoring.sample_ids(config, sample_fn, params, ids[20:], mesh)
+    assert whole.shape == (40, 8, 8, 1) and whole.dtype == np.uint8 and whole.std() > 10
+    np.testing.assert_array_equal(whole, np.concatenate([first, second]))
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, cache):
+    """A 2-step run of configs/test.py, then `main.py --mode=eval` (64 samples, two settings)."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = test_config.get_config()
+    config.training.num_steps = 2
+    train.train_and_evaluate(config, str(workdir))
+    shutil.copytree(cache, workdir / "eval" / "cache")  # the classifier, trained once
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    command = [sys.executable, str(REPO / "main.py"), "--config=configs/test.py"]
+    command += [f"--workdir={workdir}", "--mode=eval"]
+    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir, config
+
+
+def _metrics(workdir) -> dict:
+    return json.loads((workdir / "eval" / "metrics_step2.json").read_text())
+
+
+def test_eval_writes_metrics_for_each_setting(evaluated):
+    workdir, _ = evaluated
+    record = _metrics(workdir)
+    assert record["step"] == 2 and record["num_samples"] == 64 and record["features"] == "digits"
+    assert set(record["settings"]) == {"1", "0,22,39"}
+    for values in record["settings"].values():
+        assert {"fid", "is", "precision", "recall", "kid"} <= set(values)
+        assert all(np.isfinite(v) for v in values.values()) and values["fid"] > 0
+    chunks = sorted((workdir / "eval" / "step_2").rglob("chunk_*.npz"))
+    assert len(chunks) == 4  # 2 settings x 64 samples / 32 per chunk
+    with np.load(chunks[0]) as chunk:
+        assert chunk["images"].shape == (32, 8, 8, 1) and chunk["pool"].shape == (32, 64)
+    assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) >= 2
+
+
+def test_eval_resumes_from_its_shards(evaluated, monkeypatch):
+    workdir, config = evaluated
+    first = _metrics(workdir)["settings"]
+    (workdir / "eval" / "metrics_step2.json").unlink()
+    chunks = sorted((workdir / "eval" / "step_2").rglob("chunk_*.npz"))
+    mtimes = [p.stat().st_mtime_ns for p in chunks]
+    calls = []
+    original = scoring.sample_ids
+    monkeypatch.setattr(scoring, "sample_ids", lambda *a: calls.append(a[3]) or original(*a))
+    scoring.run_eval(config, str(workdir))
+    assert calls == [] and [p.stat().st_mtime_ns for p in chunks] == mtimes
+    assert _metrics(workdir)["settings"] == first
+    # A lost shard is regenerated alone, with the same samples: the same numbers.
+    chunks[1].unlink()
+    scoring.run_eval(config, str(workdir))
+    assert len(calls) == 1 and list(calls[0]) == list(range(32, 64))
+    assert _metrics(workdir)["settings"] == first
