@@ -11,6 +11,8 @@ as a table and then one JSON line. CD configs get a randomly initialised teacher
 
 import functools
 import json
+import pathlib
+import sys
 import time
 
 import jax
@@ -18,7 +20,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from consistency import builders, sharding, train
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not installed
+from consistency import builders, sharding, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)

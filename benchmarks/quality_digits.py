@@ -1,0 +1,168 @@
+"""The paper's claims in miniature on the bundled 8x8 digits: digits FID per network evaluation.
+
+    python benchmarks/quality_digits.py [--root=runs/quality_digits] [--steps_scale=1.0]
+
+Trains the EDM teacher, then CD (l2 and pseudo-Huber, Heun N=18, from the teacher), CT
+(adaptive N(k), mu(k), from scratch), iCT (from scratch) and ECT (from the teacher), each with
+`main.py` exactly as a user would (the commands are printed and recorded), evaluates each with
+`--mode=eval` (the digits FID: the project's digits classifier's features, 5,000 samples
+against the 1,437 training images) for 1-step and 2-step sampling, the teacher with Heun at 35
+network evaluations, and the floor: the 360 held-out test digits against the training images.
+Prints a markdown table and one JSON line, and writes the table to
+benchmarks/results/quality_digits_DATE_COMMIT.md. Runs that finished are reused (their
+workdirs resume), so an interrupted benchmark continues where it stopped.
+"""
+
+import argparse
+import datetime
+import json
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # configs/ is not installed
+from configs import _digits  # noqa: E402
+from consistency import scoring, sharding  # noqa: E402
+
+ICT_TWO_STEP = "sigma=80,0.821"  # iCT's CIFAR-10 intermediate sigma, also used by ECT
+# name: (config, training overrides, eval settings, teacher run or None, default steps)
+RUNS = {
+    "edm": ("edm_digits", {}, ("18",), None, 1500),
+    "cd_l2": ("cd_digits", {"distance": "l2"}, ("1", "0,11,17"), "edm", 600),
+    "cd_pseudo_huber": ("cd_digits", {"distance": "pseudo_huber"}, ("1", "0,11,17"), "edm", 600),
+    "ct": ("ct_digits", {}, ("1", "0,22,40"), None, 1000),
+    "ict": ("ict_digits", {}, ("1", ICT_TWO_STEP), None, 1000),
+    "ect": ("ect_digits", {}, ("1", ICT_TWO_STEP), "edm", 500),
+}
+NFE = {"18": 35, "1": 1}
+
+
+def _flags(name: str, root: pathlib.Path, steps: int, num_samples: int) -> list[str]:
+    config, training, settings, teacher, _ = RUNS[name]
+    training = dict(training, num_steps=steps, total_steps=steps)
+    if teacher is not None:
+        training["teacher_checkpoint"] = str(root / teacher / "checkpoints")
+    flags = [f"--config=configs/{config}.py", f"--workdir={root / name}"]
+    flags += [f"--config.training.{k}={v}" for k, v in training.items()]
+    flags += [f"--config.eval.settings={settings!r}".replace(" ", "")]
+    flags += [f"--config.eval.num_samples={num_samples}"]
+    return flags
+
+
+def _run(command: list[str], log: pathlib.Path) -> float:
+    """Run a main.py command (output to log); its wall time in seconds."""
+    print("$ " + shlex.join(["python", *command[1:]]), flush=True)
+    start = time.time()
+    with open(log, "a") as out:
+        done = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"failed ({done.returncode}); see {log}")
+    return time.time() - start
+
+
+def floor(root: pathlib.Path) -> dict:
+    """The digits FID of the 360 held-out test images against the 1,437 training images."""
+    config, mesh = _digits.digits(), sharding.make_mesh()
+    extract = scoring.make_extractor(config, root / "classifier")
+    reference = scoring.reference_statistics(scoring.split_features(config, "train", extract, mesh))
+    return scoring.score(scoring.split_features(config, "test", extract, mesh), reference,
+                         kind="digits")  # fmt: skip
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True)
+    return out.stdout.decode().strip() or "unknown"
+
+
+def _table(rows: list[dict], floor_fid: float) -> list[str]:
+    lines = [
+        "| run | sampler | NFE | digits FID | IS | precision | recall | train min |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(
+            f"| {r['run']} | {r['setting']} | {r['nfe']} | {m['fid']:.2f} | {m['is']:.2f} | "
+            f"{m['precision']:.3f} | {m['recall']:.3f} | {r['train_s'] / 60:.1f} |"
+        )
+    lines.append(f"| test split vs train (floor) | data | - | {floor_fid:.2f} | | | | |")
+    return lines
+
+
+def _targets(fid: dict) -> list[str]:
+    """The issue's goals, measured: CD 1-step <= 1.3x teacher, 2-step <= 1.1x; CT 2 < 1."""
+    out, teacher = [], fid.get(("edm", "18"))
+    for run in ("cd_l2", "cd_pseudo_huber"):
+        for setting, factor in (("1", 1.3), ("0,11,17", 1.1)):
+            got = fid.get((run, setting))
+            if teacher and got:
+                ok = "met" if got <= factor * teacher else "not met"
+                out.append(f"{run} {setting}-step FID {got:.2f} <= {factor} x teacher "
+                           f"{teacher:.2f}: {ok}")  # fmt: skip
+    one, two = fid.get(("ct", "1")), fid.get(("ct", "0,22,40"))
+    if one and two:
+        ok = "met" if two < one else "not met"
+        out.append(f"CT 2-step {two:.2f} < CT 1-step {one:.2f}: {ok}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default="runs/quality_digits", help="workdirs of the runs")
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset")
+    parser.add_argument("--steps_scale", type=float, default=1.0, help="x each run's steps")
+    parser.add_argument("--num_samples", type=int, default=5000, help="samples per setting")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    root = pathlib.Path(args.root).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    names = [n for n in args.runs.split(",") if n]
+    for name in names:
+        if name not in RUNS:
+            raise SystemExit(f"--runs: unknown {name!r}; choose from {tuple(RUNS)}")
+        teacher = RUNS[name][3]
+        if teacher and teacher not in names and not (root / teacher / "checkpoints").exists():
+            raise SystemExit(f"--runs: {name} needs the {teacher} run (add it to --runs)")
+    start = time.time()
+    rows, fid, commands = [], {}, {}
+    for name in names:
+        steps = max(int(RUNS[name][4] * args.steps_scale), 10)
+        flags = _flags(name, root, steps, args.num_samples)
+        main_py = [sys.executable, "main.py"]
+        train_s = _run(main_py + flags, root / f"{name}.log")
+        eval_s = _run(main_py + flags + ["--mode=eval"], root / f"{name}.log")
+        commands[name] = shlex.join(["python", "main.py", *flags])
+        found = sorted((root / name / "eval").glob("metrics_step*.json"))
+        record = json.loads(found[-1].read_text())
+        for setting, metrics in record["settings"].items():
+            nfe = NFE.get(setting, len(setting.removeprefix("sigma=").split(",")))
+            rows.append(dict(run=name, setting=setting, nfe=nfe, metrics=metrics, steps=steps,
+                             train_s=train_s, eval_s=eval_s))  # fmt: skip
+            fid[(name, setting)] = metrics["fid"]
+    base = floor(root)
+    lines = _table(rows, base["fid"])
+    goals = _targets(fid)
+    total = time.time() - start
+    today, commit = datetime.date.today().isoformat(), _commit()
+    report = [
+        f"# Digits quality benchmark ({today}, commit {commit})", "",
+        f"`{shlex.join(['python', 'benchmarks/quality_digits.py', *sys.argv[1:]])}`", "",
+        *lines, "",
+        f"Total wall time {total / 60:.1f} min on {len(sharding.make_mesh().devices.flat)} "
+        "device(s); 'train min' includes compilation and snapshots.", "",
+        "Targets (goals, not assertions):", *[f"- {g}" for g in goals], "",
+        "Runs:", *[f"- `{c}`" for c in commands.values()],
+    ]  # fmt: skip
+    print("\n".join(report))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"quality_digits_{today}_{commit}.md").write_text("\n".join(report) + "\n")
+    print(json.dumps({"date": today, "commit": commit, "total_s": total, "floor": base,
+                      "rows": rows, "commands": commands, "targets": goals}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
