@@ -12,6 +12,7 @@ import pytest
 import refdata
 from flax.traverse_util import empty_node, flatten_dict
 
+from consistency import parameterization
 from consistency.convert.jcm import (
     check_params,
     load_jcm_params,
@@ -142,6 +143,28 @@ def test_converted_params_reproduce_net_out(ckpt):
     out = np.asarray(apply(x, t))
     err, scale = np.max(np.abs(out - ref["net_out"])), np.max(np.abs(ref["net_out"]))
     assert err <= 1e-4 * scale, (err, scale)
+
+
+@pytest.mark.parametrize("case", CASES, scope="module")
+def test_denoiser_and_consistency_function_of_the_restored_net(ckpt):
+    """jcm's EDM denoiser and consistency function (c_noise = 0.25 ln t), at t and t2."""
+    ref = ckpt["ref"]
+    params = load_jcm_params(ckpt["path"])
+    net = ncsnpp_from_jcm_config(ckpt["spec"]["config"]["model"])
+    F = lambda x_in, c: net.apply({"params": params}, x_in, c, train=False)  # noqa: E731
+    noise_cond = parameterization.get_noise_conditioning("ncsnpp")
+    wrapped = {
+        "denoiser": parameterization.edm_scalings, "distiller": parameterization.boundary_scalings
+    }  # fmt: skip
+    fast = {"xla_backend_optimization_level": 0}
+    for name, scalings in wrapped.items():
+        fn = functools.partial(
+            parameterization.precondition, F, scalings=scalings, noise_cond=noise_cond
+        )
+        fn = jax.jit(fn, compiler_options=fast)
+        for suffix, x, t in (("", "x", "t"), ("_t2", "x2", "t2")):
+            want = ref[f"{name}_out{suffix}"]
+            refdata.assert_close_scaled(fn(ref[x], ref[t]), want, 1e-4, f"{name}_out{suffix}")
 
 
 @pytest.mark.parametrize("case", CASES, scope="module")
