@@ -95,6 +95,7 @@ def _training() -> ml_collections.ConfigDict:
     t.scm_tangent_c = 0.1  # sCM: tangent normalisation g / (||g|| + c)
     t.scm_warmup_steps = 10000  # sCM: tangent warm-up H (0 = none)
     t.ema_rates = (0.9999,)  # one evaluation EMA copy per rate; samples use the first
+    t.ema_warmup = False  # EMA rate min(rate, (1 + k)/(10 + k)) at step k: for short runs
     t.teacher_checkpoint = ""  # CD: checkpoint dir of the EDM teacher (an edm run's checkpoints)
     t.teacher_ema_index = 0  # which EMA copy of the teacher checkpoint to distill
     t.init_from_teacher = False  # start the student from the teacher (CD as the references)

@@ -68,6 +68,7 @@ _RULES = {
     "training.mesh_fsdp": (_int(1), "a positive integer"),
     "training.keep_checkpoints": (_int(1), "a positive integer"),
     "training.start_ema": (_num(0, 1), "a number in [0, 1]"),
+    "training.ema_warmup": (lambda v: isinstance(v, bool), "True or False"),
     "optim.optimizer": (lambda v: v in optim.OPTIMIZERS, f"one of {optim.OPTIMIZERS}"),
     "optim.lr": (_num(0, _INF, low_open=True), "a number > 0"),
     "optim.beta1": (_num(0, 1, high_open=True), "a number in [0, 1)"),
@@ -201,7 +202,10 @@ def make_train_step(config, network, tx, make_loss, mesh, *, state_shardings=Non
             state.params, state.target_params, teacher_params, batch, step_key, state.step
         )
         grad_norm = optax.tree.norm(grads)
-        new_state = apply_gradients(state, grads, tx, target_ema=mu, ema_rates=ema_rates)
+        rates = ema_rates
+        if t.ema_warmup:
+            rates = tuple(train_state.warmup_ema_rate(r, state.step) for r in ema_rates)
+        new_state = apply_gradients(state, grads, tx, target_ema=mu, ema_rates=rates)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         metrics = dict(
             loss=value, grad_norm=grad_norm, lr=lr_fn(state.step),

@@ -42,6 +42,12 @@ def ema(old, new, rate: jax.Array | float):
     return jax.tree.map(lambda o, n: rate * o + (1.0 - rate) * n, old, new)
 
 
+def warmup_ema_rate(rate: float, step: jax.Array) -> jax.Array:
+    """min(rate, (1 + k)/(10 + k)) at step k: the EMA's early average forgets the init quickly."""
+    k = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(rate, (1.0 + k) / (10.0 + k))
+
+
 def apply_gradients(
     state: TrainState,
     grads,

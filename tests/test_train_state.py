@@ -64,3 +64,12 @@ def test_remat_gives_the_same_gradient(full_batch, remat):
     network, fn = _grad_fn(remat=remat)
     assert network.remat == remat
     _close(fn(params, target, None, batch, jax.random.key(2), STEP), want, 1e-5)
+
+
+def test_ema_warmup_rate_and_update():
+    """min(rate, (1+k)/(10+k)): 0.1 at step 0, the configured rate once (1+k)/(10+k) exceeds it."""
+    rates = [float(train_state.warmup_ema_rate(0.999, k)) for k in (0, 10, 8990, 20000)]
+    np.testing.assert_allclose(rates, [0.1, 11 / 20, 0.999, 0.999], rtol=1e-6)
+    old, new = {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}
+    mixed = train_state.ema(old, new, train_state.warmup_ema_rate(0.9, 0))
+    np.testing.assert_allclose(mixed["w"], 0.1 * np.ones(3), rtol=1e-6)
