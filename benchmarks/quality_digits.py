@@ -24,7 +24,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ is not installed
-from configs import _digits  # noqa: E402
+from configs import _digits, _successors  # noqa: E402
 from consistency import scoring, sharding  # noqa: E402
 
 ICT_TWO_STEP = "sigma=80,0.821"  # iCT's CIFAR-10 intermediate sigma, also used by ECT
@@ -37,7 +37,18 @@ RUNS = {
     "ict": ("ict_digits", {}, ("1", ICT_TWO_STEP), None, 1000),
     "ect": ("ect_digits", {}, ("1", ICT_TWO_STEP), "edm", 500),
 }
-NFE = {"18": 35, "1": 1}
+DEFAULT_RUNS = tuple(RUNS)
+# More successors, run on request (--runs=all or a list): continuous-time CD/CT, sCT and sCD
+# (which start from a TrigFlow diffusion teacher of their own).
+SCM_TWO_STEP = f"sigma=80,{_successors.SCM_MID_SIGMA:.4f}"
+RUNS.update({
+    "cd_continuous": ("continuous_digits:cd-l2", {}, ("1", ICT_TWO_STEP), "edm", 500),
+    "ct_continuous": ("continuous_digits:ct-l2", {}, ("1", ICT_TWO_STEP), "edm", 500),
+    "trigflow": ("scm_digits:teacher", {}, ("18",), None, 1500),
+    "sct": ("scm_digits:sct", {"scm_warmup_steps": 100}, ("1", SCM_TWO_STEP), "trigflow", 500),
+    "scd": ("scm_digits:scd", {"scm_warmup_steps": 100}, ("1", SCM_TWO_STEP), "trigflow", 500),
+})  # fmt: skip
+NFE = {"18": 35, "1": 1}  # Heun on an 18-point grid: 2 x 18 - 1 evaluations
 
 
 def _flags(name: str, root: pathlib.Path, steps: int, num_samples: int) -> list[str]:
@@ -45,7 +56,11 @@ def _flags(name: str, root: pathlib.Path, steps: int, num_samples: int) -> list[
     training = dict(training, num_steps=steps, total_steps=steps)
     if teacher is not None:
         training["teacher_checkpoint"] = str(root / teacher / "checkpoints")
-    flags = [f"--config=configs/{config}.py", f"--workdir={root / name}"]
+    module, _, arg = config.partition(":")
+    flags = [
+        f"--config=configs/{module}.py" + (f":{arg}" if arg else ""),
+        f"--workdir={root / name}",
+    ]
     flags += [f"--config.training.{k}={v}" for k, v in training.items()]
     flags += [f"--config.eval.settings={settings!r}".replace(" ", "")]
     flags += [f"--config.eval.num_samples={num_samples}"]
@@ -112,14 +127,15 @@ def _targets(fid: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="runs/quality_digits", help="workdirs of the runs")
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset")
+    parser.add_argument("--runs", default=",".join(DEFAULT_RUNS),
+                        help=f"comma-separated, or 'all'; from {tuple(RUNS)}")  # fmt: skip
     parser.add_argument("--steps_scale", type=float, default=1.0, help="x each run's steps")
     parser.add_argument("--num_samples", type=int, default=5000, help="samples per setting")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     root = pathlib.Path(args.root).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    names = [n for n in args.runs.split(",") if n]
+    names = list(RUNS) if args.runs == "all" else [n for n in args.runs.split(",") if n]
     for name in names:
         if name not in RUNS:
             raise SystemExit(f"--runs: unknown {name!r}; choose from {tuple(RUNS)}")
