@@ -16,7 +16,7 @@ def ict(config, *, steps: int):
     config.training.update(
         loss="ct",
         distance="pseudo_huber", huber_c=-1.0,  # c = 0.00054 sqrt(d): 0.0299 on CIFAR-10
-        weighting="ict",  # lambda = 1/(sigma_{i+1} - sigma_i)
+        weighting="ict",  # lambda = 1/(sigma_{i+1} - sigma_i), iCT's increasing indices
         index_sampling="lognormal", p_mean=-1.1, p_std=2.0,  # discretised lognormal pairs
         target_ema_mode="fixed", start_ema=0.0,  # theta- = stopgrad(theta): no EMA teacher
         scale_mode="exponential", start_scales=10, end_scales=1280,  # N = 11, 21, ..., 1281
