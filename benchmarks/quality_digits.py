@@ -10,7 +10,8 @@ against the 1,437 training images) for 1-step and 2-step sampling, the teacher w
 network evaluations, and the floor: the 360 held-out test digits against the training images.
 Prints a markdown table and one JSON line, and writes the table to
 benchmarks/results/quality_digits_DATE_COMMIT.md. Runs that finished are reused (their
-workdirs resume), so an interrupted benchmark continues where it stopped.
+workdirs resume; finished ones are skipped, their recorded wall times reported), so an
+interrupted benchmark continues where it stopped.
 """
 
 import argparse
@@ -148,8 +149,13 @@ def main() -> None:
         steps = max(int(RUNS[name][4] * args.steps_scale), 10)
         flags = _flags(name, root, steps, args.num_samples)
         main_py = [sys.executable, "main.py"]
-        train_s = _run(main_py + flags, root / f"{name}.log")
-        eval_s = _run(main_py + flags + ["--mode=eval"], root / f"{name}.log")
+        timing = root / name / "timing.json"
+        if timing.exists():  # finished earlier (same flags): reuse its results and wall times
+            train_s, eval_s = json.loads(timing.read_text())["seconds"]
+        else:
+            train_s = _run(main_py + flags, root / f"{name}.log")
+            eval_s = _run(main_py + flags + ["--mode=eval"], root / f"{name}.log")
+            timing.write_text(json.dumps({"flags": flags, "seconds": [train_s, eval_s]}))
         commands[name] = shlex.join(["python", "main.py", *flags])
         found = sorted((root / name / "eval").glob("metrics_step*.json"))
         record = json.loads(found[-1].read_text())
