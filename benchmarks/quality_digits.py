@@ -150,8 +150,9 @@ def main() -> None:
         flags = _flags(name, root, steps, args.num_samples)
         main_py = [sys.executable, "main.py"]
         timing = root / name / "timing.json"
-        if timing.exists():  # finished earlier (same flags): reuse its results and wall times
-            train_s, eval_s = json.loads(timing.read_text())["seconds"]
+        done = json.loads(timing.read_text()) if timing.exists() else {}
+        if done.get("flags") == flags:  # finished with the same flags: reuse results and times
+            train_s, eval_s = done["seconds"]
         else:
             train_s = _run(main_py + flags, root / f"{name}.log")
             eval_s = _run(main_py + flags + ["--mode=eval"], root / f"{name}.log")
