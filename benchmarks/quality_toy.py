@@ -1,15 +1,16 @@
-"""CD, CT and iCT on Gaussian mixtures with an analytic denoiser: consistency error, SW2 and MMD.
+"""CD, CT, iCT, ECT and continuous-time CD/CT on Gaussian mixtures with an exact denoiser.
 
-    python benchmarks/quality_toy.py [--quick] [--dims=2,8]
+    python benchmarks/quality_toy.py [--quick] [--dims=2,8] [--methods=SUBSTRING,...]
 
-The data is a mixture of isotropic Gaussians N(m_k, s_k^2 I) with weights w_k, so the ideal
-denoiser D*(x, sigma) = E[x0 | x0 + sigma z = x] is a posterior-weighted sum of component means,
-the CD teacher is exact, and the PF-ODE map f*(x, sigma) is integrated in float64 (scipy
-DOP853, tolerance checked against a 100x looser solve). Small MLP consistency models trained with
-the library's losses are scored by E||f_theta - f*|| over the 18-point Karras grid and by sliced
-W2 and unbiased MMD^2 of 1, 2 and 4 step samples against fresh true samples, next to the EDM Heun
-teacher (35 NFE), the exact ODE map applied to sigma_max z, and a second true sample set (floor).
-Prints a markdown table and one JSON line, and writes the table to benchmarks/results/.
+The data is a mixture of isotropic Gaussians (benchmarks/toy_mixture.py), so the ideal denoiser
+D* is known in closed form, the CD teacher is exact, and the PF-ODE map f*(x, sigma) is
+integrated in float64 (tolerance checked against a 100x looser solve). Small MLP consistency
+models trained with the library's losses are scored by E||f_theta - f*|| over the 18-point
+Karras grid and by sliced W2 and unbiased MMD^2 of 1, 2 and 4 step samples against fresh true
+samples, next to the EDM Heun teacher (35 NFE), the exact ODE map applied to sigma_max z and a
+second true sample set (floor). ECT and the continuous-time losses start from an MLP diffusion
+model trained with the EDM loss (also scored, with Heun). Prints a markdown table and one JSON
+line, and writes the table to benchmarks/results/.
 """
 
 import argparse
@@ -26,136 +27,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.integrate import solve_ivp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere
+from toy_mixture import (  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+    ODE_CHECK_RTOL,
+    ODE_RTOL,
+    SAMPLE_GRID,
+    SAMPLE_TS,
+    SEED,
+    Mixture,
+    denoiser,
+    make_reference,
+    make_scorer,
+    sample_mixture,
+)
+
 from consistency import (  # noqa: E402
     distances,
     losses,
     ode,
     optim,
     parameterization,
-    samplers,
     schedules,
     train_state,
 )
 from consistency.models.adm_layers import timestep_embedding  # noqa: E402
 
-SIGMA_MIN, SIGMA_MAX, RHO = schedules.SIGMA_MIN, schedules.SIGMA_MAX, schedules.RHO
-SAMPLE_GRID = 40  # sampling indices live on the 40-point Karras grid (the paper's CIFAR-10 ts)
-SAMPLE_TS = {1: (0, 39), 2: (0, 22, 39), 4: (0, 12, 22, 30, 39)}
-ODE_RTOL, ODE_CHECK_RTOL = 1e-9, 1e-7
-SEED = 0
-# The 18-point Karras grid less sigma_min, where f(x, sigma_min) = x holds by construction.
-EVAL_SIGMAS = schedules.karras_sigmas_float64(
-    np.arange(17), 18, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Mixture:
-    """p(x0) = sum_k w_k N(m_k, s_k^2 I)."""
-
-    weights: np.ndarray  # [K]
-    means: np.ndarray  # [K, d]
-    stds: np.ndarray  # [K]
-
-
-def make_mixture(dim: int) -> Mixture:
-    """2-D: 8 unequal modes on a circle of radius 0.7; d > 2: 12 random modes; std ~0.5 a coord."""
-    if dim == 2:
-        angle = 2 * np.pi * np.arange(8) / 8
-        means = 0.7 * np.stack([np.cos(angle), np.sin(angle)], axis=1)
-        return Mixture(np.linspace(1.0, 2.0, 8) / 12.0, means, 0.05 + 0.05 * (np.arange(8) % 2))
-    rng = np.random.default_rng(dim)
-    return Mixture(rng.dirichlet(np.full(12, 5.0)), rng.normal(0, 0.45, (12, dim)),
-                   rng.uniform(0.05, 0.15, 12))  # fmt: skip
-
-
-def sample_mixture(mix: Mixture, key: jax.Array, n: int) -> jax.Array:
-    """x0 ~ p: a component k ~ w, then m_k + s_k z (float32)."""
-    k_comp, k_z = jax.random.split(key)
-    comp = jax.random.categorical(
-        k_comp, jnp.log(jnp.asarray(mix.weights, jnp.float32)), shape=(n,)
-    )
-    z = jax.random.normal(k_z, (n, mix.means.shape[1]), jnp.float32)
-    means, stds = jnp.asarray(mix.means, jnp.float32), jnp.asarray(mix.stds, jnp.float32)
-    return means[comp] + stds[comp][:, None] * z
-
-
-def denoiser(mix: Mixture, x, sigma, xp=jnp):
-    """D*(x, s) = sum_k r_k(x) (m_k + a_k (x - m_k)), a_k = s_k^2/v_k, r_k ~ w_k N(x; m_k, v_k I).
-
-    v_k = s_k^2 + s^2. `xp` is numpy (float64, for f*) or jax.numpy (float32, the CD teacher);
-    sigma is [B] or a scalar. |x - m_k|^2 is expanded into matmuls: no [B, K, d] intermediate.
-    """
-    sigma = xp.broadcast_to(xp.asarray(sigma, x.dtype), x.shape[:1])
-    means, stds = xp.asarray(mix.means, x.dtype), xp.asarray(mix.stds, x.dtype)
-    var = stds[None] ** 2 + sigma[:, None] ** 2  # [B, K]
-    sq = xp.sum(x**2, axis=1, keepdims=True) - 2 * x @ means.T + xp.sum(means**2, axis=1)[None]
-    logp = xp.log(xp.asarray(mix.weights, x.dtype))[None] - 0.5 * (
-        sq / var + x.shape[1] * xp.log(var)
-    )
-    resp = xp.exp(logp - xp.max(logp, axis=1, keepdims=True))
-    resp = resp / xp.sum(resp, axis=1, keepdims=True)
-    shrink = stds[None] ** 2 / var
-    return xp.sum(resp * shrink, axis=1, keepdims=True) * x + (resp * (1 - shrink)) @ means
-
-
-def exact_flow(mix: Mixture, x, sigma, *, rtol: float = ODE_RTOL) -> np.ndarray:
-    """f*(x, s): dx/ds = (x - D*(x, s))/s from s down to sigma_min, float64 DOP853.
-
-    Solved in u in [0, 1] with ln s(u) = (1-u) ln s + u ln sigma_min per example, where the ODE
-    reads dx/du = (x - D*) (ln sigma_min - ln s): one solve for points at different sigmas.
-    """
-    x = np.asarray(x, np.float64)
-    log_s = np.log(np.broadcast_to(np.asarray(sigma, np.float64), x.shape[:1]))
-    rate = (np.log(SIGMA_MIN) - log_s)[:, None]
-
-    def rhs(u, flat):
-        y = flat.reshape(x.shape)
-        s = np.exp((1 - u) * log_s + u * np.log(SIGMA_MIN))
-        return ((y - denoiser(mix, y, s, xp=np)) * rate).reshape(-1)
-
-    sol = solve_ivp(
-        rhs, (0.0, 1.0), x.reshape(-1), method="DOP853", rtol=rtol, atol=rtol, t_eval=[1.0]
-    )
-    if not sol.success:
-        raise RuntimeError(f"exact PF-ODE solve failed: {sol.message}")
-    return sol.y[:, -1].reshape(x.shape)
-
-
-def sliced_w2(a, b, *, num_projections: int = 256, seed: int = SEED) -> float:
-    """SW2 = sqrt(E_theta W2^2(<theta, a>, <theta, b>)), theta uniform on the sphere; |a| = |b|."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"sliced_w2 needs equal-size sets, got {a.shape} and {b.shape}")
-    theta = np.random.default_rng(seed).normal(size=(a.shape[1], num_projections))
-    theta /= np.linalg.norm(theta, axis=0, keepdims=True)
-    pa, pb = np.sort(a @ theta, axis=0), np.sort(b @ theta, axis=0)
-    return float(np.sqrt(np.mean((pa - pb) ** 2)))
-
-
-def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.maximum(np.sum(a**2, 1)[:, None] + np.sum(b**2, 1)[None] - 2 * a @ b.T, 0.0)
-
-
-def median_bandwidth(a) -> float:
-    """The median pairwise distance of a set (the MMD kernel's fixed bandwidth)."""
-    d2 = _sq_dists(np.asarray(a, np.float64), np.asarray(a, np.float64))
-    return float(np.sqrt(np.median(d2[np.triu_indices(len(d2), 1)])))
-
-
-def mmd2_unbiased(a, b, *, bandwidth: float) -> float:
-    """MMD_u^2, k = exp(-|x-y|^2/(2 h^2)): off-diagonal means of k_aa and k_bb, - 2 mean k_ab."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    k = lambda u, v: np.exp(-_sq_dists(u, v) / (2 * bandwidth**2))  # noqa: E731
-    n, m = len(a), len(b)
-    kaa, kbb = k(a, a), k(b, b)
-    within = (kaa.sum() - np.trace(kaa)) / (n * (n - 1)) + (kbb.sum() - np.trace(kbb)) / (
-        m * (m - 1)
-    )
-    return float(within - 2 * k(a, b).mean())
+SIGMA_MIN = schedules.SIGMA_MIN
 
 
 class MLP(nn.Module):
@@ -179,17 +77,24 @@ class MLP(nn.Module):
         return nn.Dense(x_in.shape[1])(h)
 
 
-def consistency_model(net: MLP):
-    """fn(params, x, sigma, key) = c_skip x + c_out F(c_in x, 0.25 ln sigma), boundary scalings."""
-
+def _model(net: MLP, scalings):
     def fn(params, x, sigma, dropout_key=None):
         f = lambda x_in, c: net.apply({"params": params}, x_in, c)  # noqa: E731
         return parameterization.precondition(
-            f, x, sigma, scalings=parameterization.boundary_scalings,
-            noise_cond=parameterization.c_noise_ncsnpp,
-        )  # fmt: skip
+            f, x, sigma, scalings=scalings, noise_cond=parameterization.c_noise_ncsnpp
+        )
 
     return fn
+
+
+def consistency_model(net: MLP):
+    """fn(params, x, sigma, key) = c_skip x + c_out F(c_in x, 0.25 ln sigma), boundary scalings."""
+    return _model(net, parameterization.boundary_scalings)
+
+
+def denoiser_model(net: MLP):
+    """The same network as an EDM denoiser D(x, sigma) (EDM scalings): the diffusion init."""
+    return _model(net, parameterization.edm_scalings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +102,7 @@ class Method:
     """One training recipe; mu is the target EMA (mu0 for the adaptive curriculum)."""
 
     name: str
-    loss: str  # cd | ct
+    loss: str  # edm | cd | ct | ect | cd_continuous | ct_continuous
     solver: str = "heun"
     scale_mode: str = "fixed"
     target_ema_mode: str = "fixed"
@@ -207,9 +112,16 @@ class Method:
     distance: str = "l2"
     weighting: str = "uniform"
     lognormal_indices: bool = False
-    online_target: bool = False  # iCT: theta- = stopgrad(theta)
+    online_target: bool = False  # iCT, ECT, continuous time: theta- = stopgrad(theta)
+    from_diffusion: bool = False  # start from the EDM-trained MLP (ECT, continuous time)
+    ect_q: float = 2.0
+    ect_stages: int = 8  # ECT's CIFAR-10 run: 8 stages of equal length
+    stopgrad: bool = False  # continuous time: the pseudo-loss -sg(v) . f
+    ect_scalings: str = "edm"  # ECT trains D's scalings (the reference) or the boundary ones
 
 
+EDM = Method("EDM diffusion (init)", "edm", weighting="karras", online_target=True)
+_FROM_EDM = dict(from_diffusion=True, online_target=True)
 METHODS = tuple(
     Method(f"CD-{s.capitalize()} N={n}", "cd", solver=s, start_scales=n, end_scales=n)
     for s in ("euler", "heun") for n in (9, 18, 40)
@@ -222,6 +134,15 @@ METHODS = tuple(
     Method("iCT 10->1280", "ct", scale_mode="exponential", start_scales=10, end_scales=1280,
            mu=0.0, distance="pseudo_huber", weighting="ict", lognormal_indices=True,
            online_target=True),
+    # ECT's CIFAR-10 recipe (c = 0: the l2 norm; 1/t^2 + 1/sd^2; q = 2, 8 stages) from EDM,
+    # trained with the EDM scalings as the reference does, and with the boundary ones.
+    Method("ECT q=2 (from EDM)", "ect", distance="l2_norm", weighting="karras", **_FROM_EDM),
+    Method("ECT q=2, boundary scalings", "ect", distance="l2_norm", weighting="karras",
+           ect_scalings="boundary", **_FROM_EDM),
+    # jcm's continuous-time variants: the tangent's l2 norm, or the stop-gradient pseudo-loss.
+    Method("CD-inf l2 (from EDM)", "cd_continuous", distance="l2_norm", **_FROM_EDM),
+    Method("CD-inf stopgrad (from EDM)", "cd_continuous", stopgrad=True, **_FROM_EDM),
+    Method("CT-inf stopgrad (from EDM)", "ct_continuous", stopgrad=True, **_FROM_EDM),
 )  # fmt: skip
 
 
@@ -242,44 +163,71 @@ class Settings:
 QUICK = Settings(steps=300, chunk=300, n_samples=1024, n_mmd=512, n_points=32, n_check=128)
 
 
-def make_train_chunk(method: Method, mix: Mixture, cm, tx, settings: Settings):
-    """A jitted run of settings.chunk steps: fresh mixture batches, loss, optimiser, target, EMA."""
-    schedule = functools.partial(
-        schedules.ema_and_scales, target_ema_mode=method.target_ema_mode,
-        scale_mode=method.scale_mode, start_ema=method.mu, start_scales=method.start_scales,
-        end_scales=method.end_scales, total_steps=settings.steps,
-    )  # fmt: skip
+def make_loss(method: Method, mix: Mixture, net: MLP, settings: Settings):
+    """mean_loss(params, target, x0, key, num_scales, step): the method's library loss."""
+    cm, dim = consistency_model(net), mix.means.shape[1]
     index_sampler = None
     if method.lognormal_indices:
         top = schedules.max_num_scales(
             method.scale_mode, start_scales=method.start_scales, end_scales=method.end_scales
         )
         index_sampler = functools.partial(schedules.sample_lognormal_indices, max_scales=top)
-    kw = dict(
-        distance=distances.get_distance(method.distance, data_dim=mix.means.shape[1]),
-        weighting=parameterization.get_weighting(method.weighting), index_sampler=index_sampler,
-    )  # fmt: skip
-    teacher = functools.partial(denoiser, mix)
-    solver = ode.get_solver(method.solver)
-    ema_rate = 1.0 - 10.0 / settings.steps  # EMA time constant: a tenth of the run
+    distance = distances.get_distance(method.distance, data_dim=dim)
+    weighting = parameterization.get_weighting(method.weighting)
+    teacher = functools.partial(denoiser, mix)  # the exact D*: CD's teacher
+    kw = dict(distance=distance, weighting=weighting)
+    stage_steps = max(settings.steps // method.ect_stages, 1)
 
-    def mean_loss(params, target, x0, key, num_scales):
+    def per_example(params, target, x0, key, num_scales, step):
+        if method.loss == "edm":
+            return losses.edm_loss(denoiser_model(net), params, x0, key, weighting=weighting)
         if method.loss == "cd":
-            per, _ = losses.consistency_distillation_loss(
-                cm, params, target, teacher, solver, x0, key, num_scales=num_scales, **kw
-            )
-        else:
-            per, _ = losses.consistency_training_loss(
-                cm, params, target, x0, key, num_scales=num_scales, **kw
-            )
-        return jnp.mean(per)
+            return losses.consistency_distillation_loss(
+                cm, params, target, teacher, ode.get_solver(method.solver), x0, key,
+                num_scales=num_scales, index_sampler=index_sampler, **kw,
+            )  # fmt: skip
+        if method.loss == "ct":
+            return losses.consistency_training_loss(
+                cm, params, target, x0, key, num_scales=num_scales, index_sampler=index_sampler,
+                **kw,
+            )  # fmt: skip
+        if method.loss == "ect":
+            edm_train = method.ect_scalings == "edm"
+            return losses.easy_consistency_loss(
+                denoiser_model(net) if edm_train else cm, params, x0, key, step, q=method.ect_q,
+                stage_steps=stage_steps, r_min=0.0 if edm_train else SIGMA_MIN, **kw,
+            )  # fmt: skip
+        if method.loss in ("cd_continuous", "ct_continuous"):
+            return losses.continuous_consistency_loss(
+                cm, params, x0, key, stopgrad=method.stopgrad,
+                teacher_denoise=teacher if method.loss == "cd_continuous" else None, **kw,
+            )  # fmt: skip
+        raise ValueError(f"unknown toy loss: {method.loss!r}")
+
+    def mean_loss(*args):
+        return jnp.mean(per_example(*args)[0])
+
+    return mean_loss
+
+
+def make_train_chunk(method: Method, mix: Mixture, net: MLP, tx, settings: Settings):
+    """A jitted run of settings.chunk steps: fresh mixture batches, loss, optimiser, target, EMA."""
+    schedule = functools.partial(
+        schedules.ema_and_scales, target_ema_mode=method.target_ema_mode,
+        scale_mode=method.scale_mode, start_ema=method.mu, start_scales=method.start_scales,
+        end_scales=method.end_scales, total_steps=settings.steps,
+    )  # fmt: skip
+    mean_loss = make_loss(method, mix, net, settings)
+    ema_rate = 1.0 - 10.0 / settings.steps  # EMA time constant: a tenth of the run
 
     def step(state, _):
         mu, num_scales = schedule(state.step)
         k_data, k_loss = jax.random.split(jax.random.fold_in(jax.random.key(SEED), state.step))
         x0 = sample_mixture(mix, k_data, settings.batch)
         target = state.params if method.online_target else state.target_params
-        loss, grads = jax.value_and_grad(mean_loss)(state.params, target, x0, k_loss, num_scales)
+        loss, grads = jax.value_and_grad(mean_loss)(
+            state.params, target, x0, k_loss, num_scales, state.step
+        )
         state = train_state.apply_gradients(state, grads, tx, target_ema=mu, ema_rates=(ema_rate,))
         return state, loss
 
@@ -292,15 +240,15 @@ def init_params(net: MLP, dim: int):
     return init(jax.random.key(SEED))
 
 
-def train(method: Method, mix: Mixture, net: MLP, settings: Settings):
-    """EMA params after settings.steps steps, and the mean loss of the last chunk."""
-    cm = consistency_model(net)
-    params = init_params(net, mix.means.shape[1])
+def train(method: Method, mix: Mixture, net: MLP, settings: Settings, init=None):
+    """EMA params after settings.steps steps from `init` (default: fresh), and the last loss."""
+    # A copy of `init`: the jitted chunks donate the state, and `init` serves several methods.
+    params = init_params(net, mix.means.shape[1]) if init is None else jax.tree.map(jnp.copy, init)
     tx = optim.make_optimizer("radam", lr=settings.lr)
     state = train_state.TrainState.create(
         params, tx, num_ema=1, with_target=not method.online_target
     )
-    run = make_train_chunk(method, mix, cm, tx, settings)
+    run = make_train_chunk(method, mix, net, tx, settings)
     for _ in range(settings.steps // settings.chunk):
         state, loss = run(state)
         if not np.isfinite(float(loss[-1])):
@@ -308,111 +256,42 @@ def train(method: Method, mix: Mixture, net: MLP, settings: Settings):
     return state.ema_params[0], float(np.mean(loss))
 
 
-def sample_sets(fn, x_T: jax.Array, key: jax.Array) -> dict:
-    """{K: K-step samples} by Algorithm 1 at the SAMPLE_TS indices of the 40-point grid."""
-    out = {}
-    for k, ts in SAMPLE_TS.items():
-        sigmas = jnp.asarray(samplers.index_sigmas(ts, SAMPLE_GRID))
-        noise = jax.random.normal(key, (k - 1, *x_T.shape)) if k > 1 else None
-        out[str(k)] = samplers.multistep_sample(
-            fn, x_T, sigmas, noise, clip_denoised=False, clip_output=False
-        )
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    """What every method of one mixture is scored against (the same draws for all: paired)."""
-
-    mix: Mixture
-    ref: np.ndarray  # fresh true samples
-    x_T: jax.Array  # sigma_max z, the sampler's start
-    renoise_key: jax.Array
-    x_eval: np.ndarray  # x0 + sigma z at the evaluation sigmas
-    s_eval: np.ndarray
-    f_eval: np.ndarray  # f*(x_eval, s_eval)
-    bandwidth: float
-    n_mmd: int
-
-    def quality(self, samples) -> dict:
-        """SW2 against all reference samples, unbiased MMD^2 against the first n_mmd."""
-        n = self.n_mmd
-        mmd2 = mmd2_unbiased(samples[:n], self.ref[:n], bandwidth=self.bandwidth)
-        return {"sw2": sliced_w2(samples, self.ref), "mmd2": mmd2}
-
-
-def make_reference(dim: int, settings: Settings) -> tuple[Reference, dict, dict]:
-    """The reference, the baselines (second true set, exact ODE, EDM Heun) and ODE diagnostics."""
-    mix = make_mixture(dim)
-    keys = jax.random.split(jax.random.key(SEED + 1), 6)
-    ref = np.asarray(sample_mixture(mix, keys[0], settings.n_samples))
-    x_T = SIGMA_MAX * jax.random.normal(keys[1], (settings.n_samples, dim))
-    z = jax.random.normal(keys[2], (len(EVAL_SIGMAS), settings.n_points, dim))
-    x0 = sample_mixture(mix, keys[3], settings.n_points)
-    x_eval = np.asarray(x0[None] + EVAL_SIGMAS[:, None, None] * z).reshape(-1, dim)
-    s_eval = np.repeat(EVAL_SIGMAS, settings.n_points).astype(np.float32)
-    x_all = np.concatenate([x_eval, np.asarray(x_T)])
-    s_all = np.append(s_eval, np.full(len(x_T), SIGMA_MAX, np.float32))
-    start = time.perf_counter()
-    f_all = exact_flow(mix, x_all, s_all)
-    ode_s = time.perf_counter() - start
-    check = np.linspace(0, len(x_all) - 1, settings.n_check).astype(int)  # every sigma and x_T
-    loose = exact_flow(mix, x_all[check], s_all[check], rtol=ODE_CHECK_RTOL)
-    reference = Reference(
-        mix, ref, x_T, keys[4], x_eval, s_eval, f_all[: len(x_eval)],
-        median_bandwidth(ref[: settings.n_mmd]), settings.n_mmd,
-    )  # fmt: skip
-    teacher = functools.partial(denoiser, mix)
-    heun = ode.heun_sampler(teacher, x_T, schedules.karras_sigmas(18, append_zero=True),
-                            clip_denoised=False)  # fmt: skip
-    baselines = {
-        "true (second set)": np.asarray(sample_mixture(mix, keys[5], settings.n_samples)),
-        "exact ODE f*(80 z)": f_all[len(x_eval) :],
-        "EDM Heun, 35 NFE": np.asarray(heun),
-    }
-    info = {"mmd_bandwidth": reference.bandwidth, "ode_s": round(ode_s, 1),
-            "ode_loose_tolerance_change": float(np.abs(f_all[check] - loose).max())}  # fmt: skip
-    return reference, {k: reference.quality(v) for k, v in baselines.items()}, info
-
-
-def make_scorer(net: MLP, r: Reference):
-    """params -> E||f_theta - f*|| over EVAL_SIGMAS (overall, per sigma) and 1/2/4-step quality."""
-    cm = consistency_model(net)
-
-    @jax.jit
-    def outputs(params):
-        fn = lambda x, s: cm(params, x, s)  # noqa: E731
-        return fn(jnp.asarray(r.x_eval), jnp.asarray(r.s_eval)), sample_sets(
-            fn, r.x_T, r.renoise_key
-        )
-
-    def score(params) -> dict:
-        out, sets = jax.tree.map(np.asarray, outputs(params))
-        err = np.linalg.norm(out - r.f_eval, axis=1).reshape(len(EVAL_SIGMAS), -1).mean(1)
-        return {
-            "consistency_error": float(err.mean()), "consistency_error_per_sigma": err.tolist(),
-            "samples": {k: r.quality(v) for k, v in sets.items()},
-        }  # fmt: skip
-
-    return score
-
-
 def evaluate_dim(dim: int, settings: Settings, methods=METHODS) -> dict:
-    """Baselines, then every method's training, consistency error and sample quality."""
+    """Baselines, then every method's training, consistency error and sample quality.
+
+    When a method starts from diffusion, the EDM-loss MLP is trained first (the same budget),
+    scored as a diffusion model (Heun, 35 NFE) and as the consistency model it starts from.
+    """
     reference, baselines, info = make_reference(dim, settings)
     net = MLP()
-    score = make_scorer(net, reference)
-    results = {}
-    for method in methods:
-        start = time.perf_counter()
-        params, loss = train(method, reference.mix, net, settings)
-        train_s = time.perf_counter() - start
+    score = make_scorer(consistency_model(net), reference)
+    results, diffusion = {}, None
+
+    def record(name, method, params, loss, train_s):
         r = score(params)
         r.update(final_loss=loss, train_s=round(train_s, 1), config=dataclasses.asdict(method))
-        results[method.name] = r
+        results[name] = r
         sw2 = " ".join(f"{r['samples'][k]['sw2']:.4f}" for k in ("1", "2", "4"))
-        print(f"d={dim} {method.name:<20} {train_s:6.1f} s  E|f-f*| "
+        print(f"d={dim} {name:<28} {train_s:6.1f} s  E|f-f*| "
               f"{r['consistency_error']:.4f}  SW2 1/2/4 {sw2}", flush=True)  # fmt: skip
+
+    if any(m.from_diffusion for m in methods):
+        start = time.perf_counter()
+        diffusion, loss = train(EDM, reference.mix, net, settings)
+        train_s = time.perf_counter() - start
+        heun = jax.jit(lambda p, x: ode.heun_sampler(
+            lambda x, s: denoiser_model(net)(p, x, s), x,
+            schedules.karras_sigmas(18, append_zero=True), clip_denoised=False,
+        ))  # fmt: skip
+        baselines["EDM MLP (learned), Heun 35 NFE"] = reference.quality(
+            np.asarray(heun(diffusion, reference.x_T))
+        )
+        record(EDM.name, EDM, diffusion, loss, train_s)
+    for method in methods:
+        start = time.perf_counter()
+        init = diffusion if method.from_diffusion else None
+        params, loss = train(method, reference.mix, net, settings, init=init)
+        record(method.name, method, params, loss, time.perf_counter() - start)
     return {"baselines": baselines, "methods": results, **info}
 
 
@@ -468,6 +347,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few hundred steps, small sets")
     parser.add_argument("--dims", default="2,8", help="comma-separated data dimensions")
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated name substrings "
+        "(e.g. ECT,inf): run only the matching methods (default: all)",
+    )
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args()
     settings = QUICK if args.quick else Settings()
@@ -476,7 +361,14 @@ def main() -> None:
     date, rev = datetime.date.today().isoformat(), commit()
     print(command, flush=True)
     start = time.perf_counter()
-    results = {dim: evaluate_dim(dim, settings) for dim in dims}
+    methods = METHODS
+    if args.methods:
+        keys = [k.strip().lower() for k in args.methods.split(",")]
+        methods = tuple(m for m in METHODS if any(k in m.name.lower() for k in keys))
+        if not methods:
+            parser.error(f"--methods={args.methods!r} matches none of "
+                         f"{[m.name for m in METHODS]}")  # fmt: skip
+    results = {dim: evaluate_dim(dim, settings, methods) for dim in dims}
     wall = time.perf_counter() - start
     goals = [g for dim in dims for g in targets(dim, results[dim])]
     footer = "\n".join(f"- [{'x' if ok else ' '}] {text}" for text, ok in goals)
@@ -490,7 +382,14 @@ def main() -> None:
         f"Sampling ts on the {SAMPLE_GRID}-point grid: {SAMPLE_TS}. CD: exact teacher D*, l2, "
         "uniform weights, mu 0.95; CT: l2, mu 0.95 (fixed N) or mu0 0.9 (adaptive); iCT: "
         "theta- = sg(theta), lognormal pairs, 1/(s_i - s_i+1) weights, pseudo-Huber c = "
-        "0.00054 sqrt(d). MLP 4x128, c_noise 0.25 ln sigma, boundary scalings (sd 0.5). "
+        "0.00054 sqrt(d). ECT: from the EDM-trained MLP (row 'EDM diffusion (init)': its "
+        "consistency-model reading before tuning), t ~ lognormal(-1.1, 2), q = 2 over 8 equal "
+        "stages, l2 norm (c = 0), 1/t^2 + 1/sd^2, trained with the EDM scalings (target x0 at "
+        "r = 0) and sampled with the boundary ones, or trained with the boundary ones. "
+        "CD-inf / CT-inf: jcm's continuous-time losses from the same init, t^(1/7) uniform, "
+        "uniform weights, the tangent's l2 norm or the stop-gradient pseudo-loss; CD-inf's "
+        "tangent from D*. "
+        "MLP 4x128, c_noise 0.25 ln sigma, boundary scalings (sd 0.5). "
         f"f* max change from rtol {ODE_RTOL:g} to {ODE_CHECK_RTOL:g}: {odes}. Wall {wall:.0f} s.",
         *(table(d, results[d]) for d in dims),
         "Targets (goals, measured, not asserted):\n\n" + footer,

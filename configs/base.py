@@ -91,6 +91,9 @@ def _training() -> ml_collections.ConfigDict:
     t.ect_k = 8.0  # ECT: n(t) = 1 + k sigmoid(-b t)
     t.ect_b = 1.0  # ECT: see ect_k
     t.ect_stage_steps = 25000  # ECT: steps per stage
+    # ECT trains with the EDM scalings, as its reference does (ECMPrecond in training mode),
+    # and samples with the boundary ones; 'boundary' trains with those (slower: see the toy).
+    t.ect_scalings = "edm"
     t.continuous_stopgrad = False  # cd/ct_continuous: jcm's stop-gradient pseudo-loss
     t.scm_tangent_c = 0.1  # sCM: tangent normalisation g / (||g|| + c)
     t.scm_warmup_steps = 10000  # sCM: tangent warm-up H (0 = none)

@@ -21,6 +21,7 @@ from consistency.optim import learning_rate_schedule, make_optimizer
 MODELS = ("unet", "ncsnpp", "adm")
 LOSSES = ("edm", "cd", "ct", "ect", "cd_continuous", "ct_continuous", "sct", "scd")
 # Losses whose target network is stop_gradient(params) by definition: no target copy is kept.
+ECT_SCALINGS = ("edm", "boundary")
 ONLINE_TARGET_LOSSES = ("ect", "cd_continuous", "ct_continuous", "sct", "scd")
 PARAMETERIZATIONS = ("edm", "trigflow")
 INDEX_SAMPLINGS = ("uniform", "lognormal")
@@ -307,10 +308,14 @@ def _successor_loss_fn(config, network: Network, distance) -> Callable:
         x0, y = batch["image"], batch["label"]
         consistency = lambda p, x, s, k: cm(p, x, s, y, k)  # noqa: E731
         if name == "ect":
+            # The reference trains with the EDM scalings (boundary at r = 0, where its target is
+            # x0) and samples with the boundary ones; 'boundary' trains the sampled function.
+            edm_train = _choice(t.ect_scalings, ECT_SCALINGS, "training.ect_scalings") == "edm"
+            ect_fn = (lambda p, x, s, k: edm(p, x, s, y, k)) if edm_train else consistency
             return losses.easy_consistency_loss(
-                consistency, params, x0, key, step, distance=distance, weighting=weighting,
+                ect_fn, params, x0, key, step, distance=distance, weighting=weighting,
                 p_mean=t.p_mean, p_std=t.p_std, q=t.ect_q, k=t.ect_k, b=t.ect_b,
-                stage_steps=t.ect_stage_steps, sigma_min=m.sigma_min,
+                stage_steps=t.ect_stage_steps, r_min=0.0 if edm_train else m.sigma_min,
             )  # fmt: skip
         if name in ("cd_continuous", "ct_continuous"):
             teacher = None

@@ -23,14 +23,27 @@ def l2(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean((_flat(x) - _flat(y)) ** 2, axis=1)
 
 
+def _safe_sqrt(v: jax.Array) -> jax.Array:
+    """sqrt(v), v >= 0, with gradient 0 at v = 0 (jnp.sqrt's is inf there: NaN after 0 * inf)."""
+    positive = v > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, v, 1.0)), 0.0)
+
+
 def l2_norm(x: jax.Array, y: jax.Array) -> jax.Array:
-    """||x - y||_2 over all but the batch axis (jcm's continuous-time 'l2': a norm, not squared)."""
-    return jnp.sqrt(jnp.sum((_flat(x) - _flat(y)) ** 2, axis=1))
+    """||x - y||_2 over all but the batch axis (jcm's continuous-time 'l2': a norm, not squared).
+
+    Its gradient at x = y is 0 (a subgradient), not NaN: a perfectly consistent example must not
+    stop the run.
+    """
+    return _safe_sqrt(jnp.sum((_flat(x) - _flat(y)) ** 2, axis=1))
 
 
 def pseudo_huber(x: jax.Array, y: jax.Array, *, c: float) -> jax.Array:
-    """sqrt(||x - y||^2 + c^2) - c (iCT); the squared norm sums all but the batch axis."""
-    return jnp.sqrt(jnp.sum((_flat(x) - _flat(y)) ** 2, axis=1) + c**2) - c
+    """sqrt(||x - y||^2 + c^2) - c (iCT); the squared norm sums all but the batch axis.
+
+    c = 0 is the l2 norm (ECT's CIFAR-10 setting), with the same gradient 0 at x = y.
+    """
+    return _safe_sqrt(jnp.sum((_flat(x) - _flat(y)) ** 2, axis=1) + c**2) - c
 
 
 def ict_pseudo_huber_c(data_dim: int) -> float:

@@ -192,21 +192,24 @@ def easy_consistency_loss(
     k: float = 8.0,
     b: float = 1.0,
     stage_steps: int = 25000,
-    sigma_min: float = SIGMA_MIN,
+    r_min: float = 0.0,
 ) -> tuple[jax.Array, Metrics]:
     """ECT: lambda(t) d(f_theta(x0 + t z, t), sg f_theta(x0 + r z, r)), ln t ~ N(P_mean, P_std^2).
 
-    r = schedules.ect_r(t, step): dt = t - r shrinks by q every stage. The target is x0 where r is
-    below sigma_min (where f(x, eps) = x); both passes share z and the dropout key.
+    r = schedules.ect_r(t, step): dt = t - r shrinks by q every stage. The target is x0 where
+    r <= r_min (0: ECT's r = 0), so the function trained must have its boundary at r_min: ECT
+    trains the network with the EDM scalings (f(x, 0) = x) and samples with the boundary ones.
+    Both passes share z and the dropout key.
     """
     k_t, k_z, k_drop = jax.random.split(key, 3)
     t = sample_lognormal_sigma(k_t, x0.shape[0], p_mean=p_mean, p_std=p_std)
     r = ect_r(t, step, q=q, k=k, b=b, stage_steps=stage_steps)
     z = jax.random.normal(k_z, x0.shape, jnp.float32)
     online = consistency_fn(params, x0 + broadcast_to(t, x0) * z, t, k_drop)
-    r_safe = jnp.maximum(r, sigma_min)
+    use_net = r > r_min
+    r_safe = jnp.where(use_net, r, 1.0)  # any valid noise level where x0 is the target
     target = consistency_fn(params, x0 + broadcast_to(r_safe, x0) * z, r_safe, k_drop)
-    target = jax.lax.stop_gradient(jnp.where(broadcast_to(r >= sigma_min, x0), target, x0))
+    target = jax.lax.stop_gradient(jnp.where(broadcast_to(use_net, x0), target, x0))
     losses = weighting(t, r) * distance(online, target)
     return _check_per_example(losses, x0.shape[0]), {"sigma": t, "r": r}
 

@@ -90,6 +90,10 @@ _RULES = {
     "training.p_std": (_num(0, _INF, low_open=True), "a number > 0"),
     "training.ect_q": (_num(1, _INF, low_open=True), "a number > 1"),
     "training.ect_stage_steps": (_int(1), "a positive integer"),
+    "training.ect_scalings": (
+        lambda v: v in builders.ECT_SCALINGS,
+        f"one of {builders.ECT_SCALINGS}",
+    ),
     "training.scm_tangent_c": (_num(0, _INF), "a number >= 0"),
     "training.scm_warmup_steps": (_int(0), "an integer >= 0"),
 }

@@ -45,3 +45,16 @@ def test_ict_c_for_cifar10_and_l2_norm():
     norm = np.linalg.norm(np.arange(24.0).reshape(2, 12), axis=1)
     np.testing.assert_allclose(distances.get_distance("l2_norm")(x, 0 * x), norm, rtol=1e-6)
     np.testing.assert_allclose(distances.pseudo_huber(x, 0 * x, c=0.0), distances.l2_norm(x, 0 * x))
+
+
+@pytest.mark.parametrize("name", ["l2_norm", "pseudo_huber_c0"])
+def test_norm_gradient_is_zero_not_nan_at_equal_inputs(name):
+    # ECT (c = 0) and jcm's continuous 'l2' use the plain norm; a zero difference must not NaN.
+    fn = distances.l2_norm if name == "l2_norm" else (
+        lambda a, b: distances.pseudo_huber(a, b, c=0.0))  # fmt: skip
+    x = jax.random.normal(jax.random.key(1), (2, 5))
+    y = x.at[1].add(jnp.arange(5.0))  # example 0 equal, example 1 not
+    grad = jax.grad(lambda a: fn(a, y).sum())(x)
+    np.testing.assert_array_equal(grad[0], 0.0)
+    want = -np.arange(5.0) / np.linalg.norm(np.arange(5.0))  # d||a - y||/da = (a - y)/||a - y||
+    np.testing.assert_allclose(grad[1], want, rtol=1e-6)

@@ -209,15 +209,50 @@ def test_continuous_cd_tangent_follows_the_teacher():
     np.testing.assert_allclose(cd / ct, 0.7, rtol=1e-5)
 
 
+def _gaussian_flow(params, x, sigma, key, *, mean=0.3):
+    """f(x, s) = m + (x - m) sqrt(a^2 + eps^2)/sqrt(a^2 + s^2): the exact PF-ODE map of
+    N(m, a^2 I) for a = params['a'], so f(x, eps) = x for every a."""
+    a2, s = params["a"] ** 2, sigma[:, None]
+    return mean + (x - mean) * jnp.sqrt(a2 + schedules.SIGMA_MIN**2) / jnp.sqrt(a2 + s**2)
+
+
+@pytest.mark.parametrize("stopgrad", [False, True])
+def test_continuous_cd_is_stationary_only_at_the_exact_flow(stopgrad):
+    # Data N(m, s^2 I) with its closed-form teacher D* = m + (x - m) s^2/(s^2 + t^2): the
+    # tangent of f_a vanishes at a = s (f is then the exact flow), and descent moves a to s.
+    m, s = 0.3, 0.4
+    x0 = m + s * jax.random.normal(jax.random.key(30), (512, 6))
+    teacher = lambda x, t: m + (x - m) * s**2 / (s**2 + t[:, None] ** 2)  # noqa: E731
+
+    def loss(a):
+        per, _ = losses.continuous_consistency_loss(
+            _gaussian_flow, {"a": a}, x0, jax.random.key(31), teacher_denoise=teacher,
+            stopgrad=stopgrad, distance=l2_norm, weighting=UNIFORM,
+        )  # fmt: skip
+        return per.mean()
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    at_exact, grad_exact = value_and_grad(jnp.float32(s))
+    for a in (0.5 * s, 2.0 * s):
+        value, grad = value_and_grad(jnp.float32(a))
+        assert np.sign(grad) == np.sign(a - s), (a, grad)  # descent moves a toward s
+        if stopgrad:  # the pseudo-loss's gradient, the l2 CM loss's / (2 dt), vanishes there
+            assert abs(grad_exact) < 1e-4 * abs(grad), (grad_exact, grad)
+        else:  # ||v|| vanishes there (its gradient is a unit direction, not small, near v = 0)
+            assert at_exact < 1e-4 * value, (at_exact, value)
+
+
 def test_ect_target_is_x0_then_x0_plus_r_z():
     x0, identity = jnp.zeros((256, 8)), lambda params, x, sigma, key: x  # noqa: E731
     kw = dict(distance=relative_sq, weighting=UNIFORM, q=2.0, stage_steps=10)
-    for step in (0, 35):
-        per, m = losses.easy_consistency_loss(identity, None, x0, jax.random.key(16), step, **kw)
+    for step, r_min in ((0, 0.0), (35, 0.0), (35, 0.05)):
+        per, m = losses.easy_consistency_loss(identity, None, x0, jax.random.key(16), step,
+                                              r_min=r_min, **kw)  # fmt: skip
         t, r = np.asarray(m["sigma"]), np.asarray(m["r"])
-        r_eff = np.where(r >= 0.002, r, 0.0)
+        r_eff = np.where(r > r_min, r, 0.0)  # the target is x0 at and below r_min
         np.testing.assert_allclose(per, (1 - r_eff / t) ** 2, rtol=1e-4, atol=1e-7)
         assert (r == 0).mean() > 0.5 if step == 0 else np.all(r >= 0.43 * t)  # n(t) <= 9
+    assert np.any((r > 0) & (r <= 0.05))  # the last case had targets x0 with r > 0
 
 
 def test_ect_shares_noise_and_dropout_between_passes():

@@ -13,6 +13,7 @@ from consistency import ode, schedules
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality_toy as qt  # noqa: E402  (benchmarks/ is not a package)
+import toy_mixture as tm  # noqa: E402
 
 
 def _log_density(mix, x, sigma):
@@ -26,26 +27,26 @@ def _log_density(mix, x, sigma):
 @pytest.mark.parametrize("dim", [2, 8])
 def test_denoiser_is_tweedie_posterior_mean(dim):
     # D*(x, s) = x + s^2 grad log p_s(x) (Tweedie), at noise levels across the whole grid.
-    mix = qt.make_mixture(dim)
+    mix = tm.make_mixture(dim)
     sigma = jnp.repeat(jnp.array([0.01, 0.1, 0.5, 2.0, 80.0]), 64)
-    x0 = qt.sample_mixture(mix, jax.random.key(0), len(sigma))
+    x0 = tm.sample_mixture(mix, jax.random.key(0), len(sigma))
     x = x0 + sigma[:, None] * jax.random.normal(jax.random.key(1), x0.shape)
     grad = jax.vmap(jax.grad(lambda x, s: _log_density(mix, x, s)))
     tweedie = jax.jit(lambda x, s: x + s[:, None] ** 2 * grad(x, s))(x, sigma)
-    exact = qt.denoiser(mix, np.asarray(x, np.float64), np.asarray(sigma, np.float64), xp=np)
+    exact = tm.denoiser(mix, np.asarray(x, np.float64), np.asarray(sigma, np.float64), xp=np)
     # float32 Tweedie cancels x against s^2 score: round-off grows with |x| ~ sigma.
     atol = 2e-6 * (1 + np.asarray(sigma))[:, None]
     assert np.all(np.abs(np.asarray(tweedie, np.float64) - exact) < atol)
-    teacher = jax.jit(lambda x, s: qt.denoiser(mix, x, s))(x, sigma)  # the CD teacher's path
+    teacher = jax.jit(lambda x, s: tm.denoiser(mix, x, s))(x, sigma)  # the CD teacher's path
     assert np.all(np.abs(np.asarray(teacher, np.float64) - exact) < atol)
 
 
 def test_denoiser_matches_monte_carlo_posterior_mean():
     # E[x0 | x] = sum_j x0_j N(x; x0_j, s^2) / sum_j N(x; x0_j, s^2), x0_j ~ p (self-normalised).
-    mix, sigma = qt.make_mixture(2), 0.3
-    x0 = np.asarray(qt.sample_mixture(mix, jax.random.key(2), 50_000), np.float64)
+    mix, sigma = tm.make_mixture(2), 0.3
+    x0 = np.asarray(tm.sample_mixture(mix, jax.random.key(2), 50_000), np.float64)
     x = np.array([[0.7, 0.0], [0.35, 0.35], [-0.2, 0.5]])
-    exact = qt.denoiser(mix, x, sigma, xp=np)
+    exact = tm.denoiser(mix, x, sigma, xp=np)
     for point, want in zip(x, exact, strict=True):
         log_w = -0.5 * np.sum((x0 - point) ** 2, axis=1) / sigma**2
         w = np.exp(log_w - log_w.max())
@@ -58,25 +59,25 @@ def test_denoiser_matches_monte_carlo_posterior_mean():
 def test_exact_flow_is_the_gaussian_closed_form():
     # One component N(m, s^2 I): f*(x, sigma) = m + (x - m) sqrt(s^2 + eps^2)/sqrt(s^2 + sigma^2).
     s, m = 0.4, np.array([0.3, -0.2, 0.1])
-    mix = qt.Mixture(np.ones(1), m[None], np.array([s]))
+    mix = tm.Mixture(np.ones(1), m[None], np.array([s]))
     sigma = np.array([80.0, 20.0, 2.0, 0.5, 0.05, 0.01])
     x = m + sigma[:, None] * np.random.default_rng(0).normal(size=(len(sigma), 3))
-    want = m + (x - m) * np.sqrt((s**2 + qt.SIGMA_MIN**2) / (s**2 + sigma[:, None] ** 2))
-    np.testing.assert_allclose(qt.exact_flow(mix, x, sigma), want, rtol=1e-8, atol=1e-8)
+    want = m + (x - m) * np.sqrt((s**2 + tm.SIGMA_MIN**2) / (s**2 + sigma[:, None] ** 2))
+    np.testing.assert_allclose(tm.exact_flow(mix, x, sigma), want, rtol=1e-8, atol=1e-8)
 
 
 def test_exact_flow_agrees_with_the_library_heun_teacher():
     # The same PF-ODE as ode.heun_step on a fine Karras grid: second order, float32.
-    mix = qt.make_mixture(2)
-    x_T = qt.SIGMA_MAX * jax.random.normal(jax.random.key(3), (256, 2))
+    mix = tm.make_mixture(2)
+    x_T = tm.SIGMA_MAX * jax.random.normal(jax.random.key(3), (256, 2))
     sigmas = schedules.karras_sigmas(400)
-    denoise = lambda x, s: qt.denoiser(mix, x, s)  # noqa: E731
+    denoise = lambda x, s: tm.denoiser(mix, x, s)  # noqa: E731
 
     def body(x, pair):
         return ode.heun_step(denoise, x, pair[0], pair[1]), None
 
     heun, _ = jax.jit(lambda x: jax.lax.scan(body, x, (sigmas[:-1], sigmas[1:])))(x_T)
-    exact = qt.exact_flow(mix, x_T, qt.SIGMA_MAX)
+    exact = tm.exact_flow(mix, x_T, tm.SIGMA_MAX)
     assert np.abs(np.asarray(heun) - exact).max() < 2e-3
     assert np.abs(np.asarray(heun) - exact).mean() < 1e-4
 
@@ -84,26 +85,26 @@ def test_exact_flow_agrees_with_the_library_heun_teacher():
 def test_sliced_w2_and_mmd_separate_shifted_sets():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(1000, 2)), rng.normal(size=(1000, 2))
-    assert qt.sliced_w2(a, a) == 0.0
+    assert tm.sliced_w2(a, a) == 0.0
     # A translation by d moves every projection by <theta, d>: SW2 = |d| sqrt(E theta_1^2).
-    shifted = qt.sliced_w2(a, a + [0.5, 0.0])
+    shifted = tm.sliced_w2(a, a + [0.5, 0.0])
     assert 0.5 * 0.6 < shifted < 0.5 * 0.8  # sqrt(1/2) = 0.707 for theta uniform on the circle
-    assert qt.sliced_w2(a, b) < 0.1 < qt.sliced_w2(a, b + [0.5, 0.0])
-    h = qt.median_bandwidth(a)
-    assert abs(qt.mmd2_unbiased(a, b, bandwidth=h)) < 2e-3
-    assert qt.mmd2_unbiased(a, b + [0.5, 0.0], bandwidth=h) > 2e-2
+    assert tm.sliced_w2(a, b) < 0.1 < tm.sliced_w2(a, b + [0.5, 0.0])
+    h = tm.median_bandwidth(a)
+    assert abs(tm.mmd2_unbiased(a, b, bandwidth=h)) < 2e-3
+    assert tm.mmd2_unbiased(a, b + [0.5, 0.0], bandwidth=h) > 2e-2
     with pytest.raises(ValueError, match="equal-size"):
-        qt.sliced_w2(a, b[:10])
+        tm.sliced_w2(a, b[:10])
 
 
 def test_a_short_cd_run_lowers_the_consistency_error():
-    mix, net = qt.make_mixture(2), qt.MLP(width=32, depth=2)
+    mix, net = tm.make_mixture(2), qt.MLP(width=32, depth=2)
     settings = dataclasses.replace(qt.QUICK, steps=100, chunk=100, batch=64, lr=3e-3)
     method = next(m for m in qt.METHODS if m.name == "CD-Heun N=18")
-    x0 = qt.sample_mixture(mix, jax.random.key(4), 64)
+    x0 = tm.sample_mixture(mix, jax.random.key(4), 64)
     sigma = jnp.full((64,), 5.0)
     x = x0 + sigma[:, None] * jax.random.normal(jax.random.key(5), x0.shape)
-    exact = qt.exact_flow(mix, x, sigma)
+    exact = tm.exact_flow(mix, x, sigma)
     init = qt.init_params(net, 2)
     params, loss = qt.train(method, mix, net, settings)
     fn = jax.jit(qt.consistency_model(net))

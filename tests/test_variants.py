@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from consistency import builders, data, sharding, train
+from consistency import builders, data, losses, sharding, train
 from consistency.models.unet import sinusoidal_embedding
+from consistency.parameterization import get_weighting
 
 VARIANTS = {
     "ict": ("ict_digits", None),
@@ -126,4 +127,34 @@ def test_scm_needs_trigflow_and_the_learned_weighting():
     train.validate_config(config)
     config.model.logvar_features = 0
     with pytest.raises(ValueError, match="model.parameterization='trigflow' and model.logvar"):
+        train.validate_config(config)
+
+
+@pytest.mark.parametrize("scalings", ["edm", "boundary"])
+def test_ect_trains_the_configured_scalings(scalings, digits):
+    # ECT's reference trains with the EDM scalings (target x0 at r = 0) and samples with the
+    # boundary ones; training.ect_scalings='boundary' trains the sampled function instead.
+    config = _config("ect")
+    config.training.ect_scalings = scalings
+    train.validate_config(config)
+    network = dataclasses.replace(
+        builders.build_network(config), module=TinyNet(), takes_labels=False, noise_cond="ncsnpp"
+    )
+    params = network.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), int))
+    params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), params)  # non-zero output
+    batch = {"image": jnp.asarray(digits[:BATCH]), "label": jnp.zeros((BATCH,), int)}
+    loss = builders.loss_fn(config, network, builders.distance_fn(config))
+    got, _ = loss(params, None, None, batch, jax.random.key(1), 300)
+    kind = "edm" if scalings == "edm" else "consistency"
+    fn = builders.model_fn(network, config, kind)
+    t = config.training
+    want, _ = losses.easy_consistency_loss(
+        lambda p, x, s, k: fn(p, x, s, batch["label"], k), params, batch["image"],
+        jax.random.key(1), 300, distance=builders.distance_fn(config),
+        weighting=get_weighting(t.weighting), p_mean=t.p_mean, p_std=t.p_std, q=t.ect_q,
+        stage_steps=t.ect_stage_steps, r_min=0.0 if scalings == "edm" else config.model.sigma_min,
+    )  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    config.training.ect_scalings = "sigma_min"
+    with pytest.raises(ValueError, match="training.ect_scalings"):
         train.validate_config(config)
