@@ -1,6 +1,7 @@
 """The paper's claims in miniature on the bundled 8x8 digits: digits FID per network evaluation.
 
     python benchmarks/quality_digits.py [--root=runs/quality_digits] [--steps_scale=1.0]
+        [--runs=all|NAME,...] [--steps=NAME=STEPS,...]
 
 Trains the EDM teacher, then CD (l2 and pseudo-Huber, Heun N=18, from the teacher), CT
 (adaptive N(k), mu(k), from scratch), iCT (from scratch) and ECT (from the teacher), each with
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(DEFAULT_RUNS),
                         help=f"comma-separated, or 'all'; from {tuple(RUNS)}")  # fmt: skip
     parser.add_argument("--steps_scale", type=float, default=1.0, help="x each run's steps")
+    parser.add_argument("--steps", default="", help="per-run step counts, e.g. ect=2000,ict=500 "
+                        "(overrides --steps_scale for those runs)")  # fmt: skip
     parser.add_argument("--num_samples", type=int, default=5000, help="samples per setting")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -143,10 +146,16 @@ def main() -> None:
         teacher = RUNS[name][3]
         if teacher and teacher not in names and not (root / teacher / "checkpoints").exists():
             raise SystemExit(f"--runs: {name} needs the {teacher} run (add it to --runs)")
+    fixed = {}
+    for item in filter(None, args.steps.split(",")):
+        name, _, count = item.partition("=")
+        if name not in RUNS or not count.isdigit() or int(count) < 1:
+            raise SystemExit(f"--steps: expected RUN=STEPS with RUN in {tuple(RUNS)}, got {item!r}")
+        fixed[name] = int(count)
     start = time.time()
     rows, fid, commands = [], {}, {}
     for name in names:
-        steps = max(int(RUNS[name][4] * args.steps_scale), 10)
+        steps = fixed.get(name, max(int(RUNS[name][4] * args.steps_scale), 10))
         flags = _flags(name, root, steps, args.num_samples)
         main_py = [sys.executable, "main.py"]
         timing = root / name / "timing.json"
@@ -155,7 +164,9 @@ def main() -> None:
             train_s, eval_s = done["seconds"]
         else:
             train_s = _run(main_py + flags, root / f"{name}.log")
-            eval_s = _run(main_py + flags + ["--mode=eval"], root / f"{name}.log")
+            # One classifier and reference cache for every run (the floor's too): trained once.
+            cache = f"--config.eval.cache_dir={root / 'classifier'}"
+            eval_s = _run(main_py + flags + ["--mode=eval", cache], root / f"{name}.log")
             timing.write_text(json.dumps({"flags": flags, "seconds": [train_s, eval_s]}))
         commands[name] = shlex.join(["python", "main.py", *flags])
         found = sorted((root / name / "eval").glob("metrics_step*.json"))

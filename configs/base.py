@@ -166,6 +166,7 @@ def _eval() -> ml_collections.ConfigDict:
     e.reference = ""  # ADM reference batch or mu/sigma npz; '' = computed from reference_split
     e.reference_split = "train"  # dataset split of a computed reference (cached in WORKDIR/eval)
     e.reference_limit = 50000  # computed reference: its first this many images (0 = all)
+    e.cache_dir = ""  # digits classifier and reference statistics ('' = WORKDIR/eval/cache)
     e.batch_size = 256  # images per sampling and feature call (global; a multiple of devices)
     e.chunk_size = 5000  # sample ids per resumable shard (a rerun reuses finished shards)
     e.save_samples = True  # keep the uint8 samples in the shards too (not only features)

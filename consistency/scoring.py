@@ -224,7 +224,7 @@ def reference(config, workdir, extract, mesh, kind: str) -> tuple[dict, str]:
 
     eval.reference: an ADM reference batch (stored mu/sigma are used for FID and sFID, as ADM
     does; its images, arr_0, give the features for precision/recall and KID) or a mu/sigma npz.
-    '' computes them from the eval.reference_split images, cached in WORKDIR/eval.
+    '' computes them from the eval.reference_split images, cached in `cache_dir`.
     """
     e, d = config.eval, config.data
     network_tag = classifier.HPARAMS if kind == "digits" else pathlib.Path(e.inception_path).name
@@ -240,7 +240,7 @@ def reference(config, workdir, extract, mesh, kind: str) -> tuple[dict, str]:
         if "arr_0" in stored:
             st = path.stat()
             tag = [str(path.resolve()), st.st_size, st.st_mtime_ns, kind, network_tag]
-            cache = path_for(workdir, "reference", tag)
+            cache = path_for(cache_dir(config, workdir), "reference", tag)
             images = stored["arr_0"]
             ref = {**_cached(cache, lambda: reference_statistics(features_of(
                 images, extract, mesh, e.batch_size))), **ref}  # fmt: skip
@@ -249,7 +249,7 @@ def reference(config, workdir, extract, mesh, kind: str) -> tuple[dict, str]:
         return ref, str(path)
     tag = [d.name, e.reference_split, d.image_size, d.num_channels, e.reference_limit, kind,
            network_tag]  # fmt: skip
-    cache = path_for(workdir, "reference", tag)
+    cache = path_for(cache_dir(config, workdir), "reference", tag)
     compute = lambda: reference_statistics(  # noqa: E731
         split_features(config, e.reference_split, extract, mesh, limit=e.reference_limit)
     )
@@ -257,9 +257,15 @@ def reference(config, workdir, extract, mesh, kind: str) -> tuple[dict, str]:
     return _cached(cache, compute), f"{d.name}:{e.reference_split}{limit}"
 
 
-def path_for(workdir, stem: str, tag) -> pathlib.Path:
+def cache_dir(config, workdir) -> pathlib.Path:
+    """Where the digits classifier and reference statistics are cached: eval.cache_dir, or
+    WORKDIR/eval/cache. Entries are named by a hash of what made them, so runs can share one."""
+    return pathlib.Path(config.eval.cache_dir or pathlib.Path(workdir) / "eval" / "cache")
+
+
+def path_for(directory, stem: str, tag) -> pathlib.Path:
     digest = hashlib.sha256(json.dumps(tag, sort_keys=True).encode()).hexdigest()[:12]
-    return pathlib.Path(workdir) / "eval" / "cache" / f"{stem}-{digest}.npz"
+    return pathlib.Path(directory) / f"{stem}-{digest}.npz"
 
 
 def score(samples: dict, ref: dict, *, kind: str) -> dict[str, float]:
@@ -332,7 +338,7 @@ def run_eval(config, workdir) -> dict[int, dict]:
     mesh = sharding.make_mesh()
     configs = validate(config, mesh)
     kind = feature_kind(config)
-    extract = make_extractor(config, workdir / "eval" / "cache")
+    extract = make_extractor(config, cache_dir(config, workdir))
     ref, ref_name = reference(config, workdir, extract, mesh, kind)
     network = builders.build_network(config)
     writer = None

@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -75,10 +74,10 @@ def evaluated(tmp_path_factory, cache):
     config = test_config.get_config()
     config.training.num_steps = 2
     train.train_and_evaluate(config, str(workdir))
-    shutil.copytree(cache, workdir / "eval" / "cache")  # the classifier, trained once
     env = dict(os.environ, PYTHONPATH=str(REPO))
     command = [sys.executable, str(REPO / "main.py"), "--config=configs/test.py"]
-    command += [f"--workdir={workdir}", "--mode=eval"]
+    # The shared cache holds the classifier, trained once: a retraining would show as a new file.
+    command += [f"--workdir={workdir}", "--mode=eval", f"--config.eval.cache_dir={cache}"]
     out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir, config
@@ -101,6 +100,15 @@ def test_eval_writes_metrics_for_each_setting(evaluated):
     with np.load(chunks[0]) as chunk:
         assert chunk["images"].shape == (32, 8, 8, 1) and chunk["pool"].shape == (32, 64)
     assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) >= 2
+
+
+def test_eval_cache_dir_is_shared(evaluated, cache):
+    # --config.eval.cache_dir: the classifier came from the shared cache (one file, no retrain)
+    # and the reference statistics were written there, not under WORKDIR/eval/cache.
+    workdir, _ = evaluated
+    assert len(list(cache.glob("digits_classifier-*.npz"))) == 1
+    assert len(list(cache.glob("reference-*.npz"))) == 1
+    assert not (workdir / "eval" / "cache").exists()
 
 
 def test_eval_resumes_from_its_shards(evaluated, monkeypatch):
