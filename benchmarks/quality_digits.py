@@ -169,8 +169,9 @@ def main() -> None:
             eval_s = _run(main_py + flags + ["--mode=eval", cache], root / f"{name}.log")
             timing.write_text(json.dumps({"flags": flags, "seconds": [train_s, eval_s]}))
         commands[name] = shlex.join(["python", "main.py", *flags])
-        found = sorted((root / name / "eval").glob("metrics_step*.json"))
-        record = json.loads(found[-1].read_text())
+        found = (root / name / "eval").glob("metrics_step*.json")  # the latest step's, by number
+        latest = max(found, key=lambda p: int(p.stem.removeprefix("metrics_step")))
+        record = json.loads(latest.read_text())
         for setting, metrics in record["settings"].items():
             nfe = NFE.get(setting, len(setting.removeprefix("sigma=").split(",")))
             rows.append(dict(run=name, setting=setting, nfe=nfe, metrics=metrics, steps=steps,
