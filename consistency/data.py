@@ -165,22 +165,3 @@ def make_batches(
     ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count][start_step:]
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
     return iter(ds.to_iter_dataset(options))
-
-
-def num_classes_of(source) -> int:
-    """Number of classes a source's labels take (0 for unlabelled sources)."""
-    if hasattr(source, "num_classes"):
-        return int(source.num_classes)
-    if isinstance(source, DigitsSource):
-        return 10
-    info = getattr(getattr(source, "dataset_info", None), "features", None)
-    label = info["label"] if info is not None and "label" in info else None
-    return int(label.num_classes) if label is not None else 0
-
-
-def load_all_images(source, *, image_size: int, num_channels: int, limit: int | None = None):
-    """The first `limit` images of a source as float32 [-1, 1] NHWC (for statistics and grids)."""
-    prep = Preprocess(image_size, num_channels, random_flip=False)
-    n = len(source) if limit is None else min(limit, len(source))
-    rng = np.random.default_rng(0)
-    return np.stack([prep.random_map(source[i], rng)["image"] for i in range(n)])
