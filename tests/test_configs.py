@@ -72,12 +72,12 @@ def test_cd_cifar10_metric_argument(metric):
 
 
 def _reduce(config):
-    """Tiny network at 32x32, batch 8, one step, l2 (no LPIPS weights offline).
+    """Tiny network at 8x8, batch 8, one step, l2 (no LPIPS weights offline).
 
     The data pipeline is the config's own (tfds source or image folder, centre crop, flips);
     only the crop size shrinks, so that a CPU compiles and runs the step in seconds.
     """
-    config.data.image_size = min(config.data.image_size, 32)
+    config.data.image_size = min(config.data.image_size, 8)
     config.model.ncsnpp.update(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
     # ADM's middle block always attends: downsample to 8x8 first.
     levels = int(np.log2(config.data.image_size // 8)) + 1
