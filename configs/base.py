@@ -164,7 +164,7 @@ def _eval() -> ml_collections.ConfigDict:
     e.features = "inception"  # inception (FID Inception-v3) | digits (the digits classifier)
     e.inception_path = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
     e.reference = ""  # ADM reference batch or mu/sigma npz; '' = computed from reference_split
-    e.reference_split = "train"  # dataset split of a computed reference (cached in WORKDIR/eval)
+    e.reference_split = "train"  # dataset split of a computed reference (cached: e.cache_dir)
     e.reference_limit = 50000  # computed reference: its first this many images (0 = all)
     e.cache_dir = ""  # digits classifier and reference statistics ('' = WORKDIR/eval/cache)
     e.batch_size = 256  # images per sampling and feature call (global; a multiple of devices)

@@ -20,8 +20,8 @@ from consistency.optim import learning_rate_schedule, make_optimizer
 
 MODELS = ("unet", "ncsnpp", "adm")
 LOSSES = ("edm", "cd", "ct", "ect", "cd_continuous", "ct_continuous", "sct", "scd")
+ECT_SCALINGS = ("edm", "boundary")  # the scalings ECT trains with (it samples with boundary)
 # Losses whose target network is stop_gradient(params) by definition: no target copy is kept.
-ECT_SCALINGS = ("edm", "boundary")
 ONLINE_TARGET_LOSSES = ("ect", "cd_continuous", "ct_continuous", "sct", "scd")
 PARAMETERIZATIONS = ("edm", "trigflow")
 INDEX_SAMPLINGS = ("uniform", "lognormal")
