@@ -4,7 +4,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from consistency import editor, evaluate, scoring, sharding, train
+from consistency.experiment import edit, evaluate, sample, spec, train
+from consistency.io import sharding
 
 MODES = ("train", "sample", "edit", "eval")
 
@@ -38,17 +39,17 @@ def main(argv):
     )  # fmt: skip
     if FLAGS.mode == "train":  # a bad config: one line per key, not a traceback
         try:
-            train.validate_config(FLAGS.config, num_devices=jax.device_count())
-        except train.ConfigError as e:
+            spec.validate_config(FLAGS.config, num_devices=jax.device_count())
+        except spec.ConfigError as e:
             raise app.UsageError(str(e)) from None
     if FLAGS.mode == "train":
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "edit":
-        editor.run_edit(FLAGS.config, FLAGS.workdir)
+        edit.run_edit(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "eval":
-        scoring.run_eval(FLAGS.config, FLAGS.workdir)
+        evaluate.run_eval(FLAGS.config, FLAGS.workdir)
     else:
-        evaluate.run_sample(FLAGS.config, FLAGS.workdir)
+        sample.run_sample(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

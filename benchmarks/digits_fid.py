@@ -10,7 +10,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not installed
 from configs import _digits  # noqa: E402
-from consistency import classifier, scoring, sharding  # noqa: E402
+from consistency.experiment import evaluate
+from consistency.io import sharding
+from consistency.measure import digits
 
 
 def main() -> None:
@@ -18,21 +20,21 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/digits_fid_cache", help="classifier cache dir")
     args = parser.parse_args()
     start = time.perf_counter()
-    params = classifier.load_or_train(args.cache)
+    params = digits.load_or_train(args.cache)
     train_s = time.perf_counter() - start
     config, mesh = _digits.digits(), sharding.make_mesh()
-    extract = scoring.make_extractor(config, args.cache)
-    train = scoring.split_features(config, "train", extract, mesh)
-    reference = scoring.reference_statistics(train)
+    extract = evaluate.make_extractor(config, args.cache)
+    train = evaluate.split_features(config, "train", extract, mesh)
+    reference = evaluate.reference_statistics(train)
     noise = np.random.default_rng(0).integers(0, 256, (360, 8, 8, 1), dtype=np.uint8)
     rows = {
-        "test split (360) vs train": scoring.split_features(config, "test", extract, mesh),
-        "uniform noise (360) vs train": scoring.features_of(noise, extract, mesh, 256),
+        "test split (360) vs train": evaluate.split_features(config, "test", extract, mesh),
+        "uniform noise (360) vs train": evaluate.features_of(noise, extract, mesh, 256),
     }
-    results = {name: scoring.score(f, reference, kind="digits") for name, f in rows.items()}
-    print(f"classifier {classifier.cache_path(args.cache).name}: load/train {train_s:.1f} s")
-    print(f"accuracy: train {classifier.accuracy(params, 'train'):.4f}  "
-          f"test {classifier.accuracy(params, 'test'):.4f}")  # fmt: skip
+    results = {name: evaluate.score(f, reference, kind="digits") for name, f in rows.items()}
+    print(f"classifier {digits.cache_path(args.cache).name}: load/train {train_s:.1f} s")
+    print(f"accuracy: train {digits.accuracy(params, 'train'):.4f}  "
+          f"test {digits.accuracy(params, 'test'):.4f}")  # fmt: skip
     print(f"{'set':<30} {'FID':>8} {'IS':>6} {'prec':>6} {'recall':>6} {'KID':>8}")
     for name, m in results.items():
         print(f"{name:<30} {m['fid']:>8.2f} {m['is']:>6.2f} {m['precision']:>6.3f} "

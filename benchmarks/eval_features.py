@@ -7,8 +7,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from consistency.models.inception import FIDInceptionV3
-from consistency.models.lpips import LPIPS, make_lpips_distance
+from consistency.measure.inception import FIDInceptionV3
+from consistency.measure.lpips import LPIPS, make_lpips_distance
 
 
 def measure(fn, args: tuple, *, repeats: int) -> tuple[float, float]:

@@ -27,7 +27,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ is not installed
 from configs import _digits, _successors  # noqa: E402
-from consistency import scoring, sharding  # noqa: E402
+from consistency.experiment import evaluate  # noqa: E402
+from consistency.io import sharding  # noqa: E402
 
 ICT_TWO_STEP = "sigma=80,0.821"  # iCT's CIFAR-10 intermediate sigma, also used by ECT
 # name: (config, training (or dotted) overrides, eval settings, teacher run or None, steps)
@@ -86,9 +87,11 @@ def _run(command: list[str], log: pathlib.Path) -> float:
 def floor(root: pathlib.Path) -> dict:
     """The digits FID of the 360 held-out test images against the 1,437 training images."""
     config, mesh = _digits.digits(), sharding.make_mesh()
-    extract = scoring.make_extractor(config, root / "classifier")
-    reference = scoring.reference_statistics(scoring.split_features(config, "train", extract, mesh))
-    return scoring.score(scoring.split_features(config, "test", extract, mesh), reference,
+    extract = evaluate.make_extractor(config, root / "classifier")
+    reference = evaluate.reference_statistics(
+        evaluate.split_features(config, "train", extract, mesh)
+    )
+    return evaluate.score(evaluate.split_features(config, "test", extract, mesh), reference,
                          kind="digits")  # fmt: skip
 
 

@@ -43,16 +43,9 @@ from toy_mixture import (  # noqa: E402  (benchmarks/ is on sys.path when run as
     sample_mixture,
 )
 
-from consistency import (  # noqa: E402
-    distances,
-    losses,
-    ode,
-    optim,
-    parameterization,
-    schedules,
-    train_state,
-)
-from consistency.models.adm_layers import timestep_embedding  # noqa: E402
+from consistency.core import distances, losses, ode, parameterization, schedules
+from consistency.experiment import train_state
+from consistency.models.adm_layers import timestep_embedding
 
 SIGMA_MIN = schedules.SIGMA_MIN
 
@@ -245,7 +238,7 @@ def train(method: Method, mix: Mixture, net: MLP, settings: Settings, init=None)
     """EMA params after settings.steps steps from `init` (default: fresh), and the last loss."""
     # A copy of `init`: the jitted chunks donate the state, and `init` serves several methods.
     params = init_params(net, mix.means.shape[1]) if init is None else jax.tree.map(jnp.copy, init)
-    tx = optim.make_optimizer("radam", lr=settings.lr)
+    tx = train_state.make_optimizer("radam", lr=settings.lr)
     state = train_state.TrainState.create(
         params, tx, num_ema=1, with_target=not method.online_target
     )

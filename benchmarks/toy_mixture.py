@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.integrate import solve_ivp
 
-from consistency import ode, samplers, schedules
+from consistency.core import ode, samplers, schedules
 
 SIGMA_MIN, SIGMA_MAX, RHO = schedules.SIGMA_MIN, schedules.SIGMA_MAX, schedules.RHO
 ODE_RTOL = 1e-9

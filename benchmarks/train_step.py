@@ -21,7 +21,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not installed
-from consistency import builders, sharding, train  # noqa: E402
+from consistency.experiment import methods, networks, train_state, update
+from consistency.io import sharding
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -69,15 +70,15 @@ def measure(config, steps: int, peak_tflops: float) -> dict:
     """Compile the configured step on all devices and time `steps` calls of it."""
     t = config.training
     mesh = sharding.make_mesh(t.mesh_fsdp)
-    network, tx = builders.build_network(config), builders.optimizer(config)
-    shardings = train.state_sharding(config, network, tx, mesh)
-    state = train.init_state(config, network, tx, mesh, shardings=shardings)
+    network, tx = networks.build_network(config), train_state.optimizer(config)
+    shardings = update.state_sharding(config, network, tx, mesh)
+    state = update.init_state(config, network, tx, mesh, shardings=shardings)
     teacher = None
     if t.loss in TEACHER_LOSSES:
         teacher = jax.device_put(state.params, sharding.tree_sharding(mesh, state.params))
-    distance = jax.device_put(builders.distance_fn(config), sharding.replicated(mesh))
-    make_loss = functools.partial(builders.loss_fn, config, network)
-    step = train.make_train_step(config, network, tx, make_loss, mesh, state_shardings=shardings)
+    distance = jax.device_put(networks.distance_fn(config), sharding.replicated(mesh))
+    make_loss = functools.partial(methods.loss_fn, config, network)
+    step = update.make_train_step(config, network, tx, make_loss, mesh, state_shardings=shardings)
     batch, key = _batch(config, mesh), jax.random.key(0)
 
     start = time.perf_counter()
@@ -95,7 +96,7 @@ def measure(config, steps: int, peak_tflops: float) -> dict:
     devices = mesh.devices.size
     steps_per_s = steps * t.n_jitted_steps / seconds
     # Cost analysis is per device and counts a lax.scan body once: scale by the trip counts.
-    scanned = train.scan_loops()
+    scanned = update.scan_loops()
     trips = (t.n_jitted_steps if scanned and t.n_jitted_steps > 1 else 1) * (
         t.micro_batches if scanned and t.micro_batches > 1 else 1
     )

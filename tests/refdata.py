@@ -74,7 +74,7 @@ def closed_form_denoiser(f_params: dict, *, distillation: bool, noise_cond: str 
     """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) with the fixture's closed-form F."""
     import functools
 
-    from consistency import parameterization as P
+    from consistency.core import parameterization as P
 
     scalings = P.boundary_scalings if distillation else P.edm_scalings
     return functools.partial(

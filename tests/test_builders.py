@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from consistency import builders, data, sharding, train
-from consistency.convert import torch_pt
-from consistency.models import lpips as lp
-from consistency.models.vgg import VGG16_CONVS, VGG16_TAP_CHANNELS
+from consistency.experiment import methods, networks, train, train_state, update
+from consistency.io import data, sharding, torch_pt
+from consistency.measure import lpips as lp
+from consistency.measure.vgg import VGG16_CONVS, VGG16_TAP_CHANNELS
 
 
 def _random_state_dicts(seed=0):
@@ -52,7 +52,7 @@ def _images(seed, channels=1, size=8, batch=2):
 
 def test_lpips_distance_from_the_configured_files(lpips_config):
     config, params = lpips_config
-    distance = builders.distance_fn(config)
+    distance = networks.distance_fn(config)
     assert isinstance(distance, jax.tree_util.Partial)
     assert len(jax.tree.leaves(distance)) == 2 * len(VGG16_CONVS) + len(VGG16_TAP_CHANNELS)
     x, y = _images(1), _images(2)
@@ -69,28 +69,28 @@ def test_lpips_pooling_option(lpips_config):
     config, params = lpips_config
     x, y = _images(1, channels=3), _images(2, channels=3)
     config.training.lpips_pool = "avg"
-    avg = builders.distance_fn(config, lpips_params=params)(x, y)
+    avg = networks.distance_fn(config, lpips_params=params)(x, y)
     expected = lp.lpips_distance(params, lp.resize_for_lpips(x, 32), lp.resize_for_lpips(y, 32),
                                  pool="avg", resize=False)  # fmt: skip
     np.testing.assert_allclose(avg, expected, rtol=1e-5)
     config.training.lpips_pool = "max"
-    assert not np.allclose(builders.distance_fn(config, lpips_params=params)(x, y), avg)
+    assert not np.allclose(networks.distance_fn(config, lpips_params=params)(x, y), avg)
     config.training.lpips_pool = "mean"
     with pytest.raises(ValueError, match="training.lpips_pool.*'max', 'avg'"):
-        builders.distance_fn(config, lpips_params=params)
+        networks.distance_fn(config, lpips_params=params)
 
 
 def test_missing_lpips_weights_name_the_keys(lpips_config, tmp_path):
     config, _ = lpips_config
     config.training.lpips_lin = ""
     with pytest.raises(ValueError, match="needs training.lpips_lin"):
-        builders.distance_fn(config)
+        networks.distance_fn(config)
     config.training.lpips_vgg = ""
     with pytest.raises(ValueError, match="needs training.lpips_vgg and training.lpips_lin"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     config.training.update(lpips_vgg="/no/such/vgg.pth", lpips_lin="/no/such/lin.pth")
     with pytest.raises(FileNotFoundError, match="training.lpips_vgg: no such file"):
-        builders.distance_fn(config)
+        networks.distance_fn(config)
 
 
 def test_ct_step_with_lpips_on_digits(lpips_config):
@@ -98,18 +98,18 @@ def test_ct_step_with_lpips_on_digits(lpips_config):
     and the frozen VGG16 params enter as arguments (a small program), not as constants."""
     config, _ = lpips_config
     config.training.lpips_resize = 16  # VGG16 reaches relu5_3 at 1x1; compiles fast on CPU
-    network, tx = builders.build_network(config), builders.optimizer(config)
+    network, tx = networks.build_network(config), train_state.optimizer(config)
     mesh = sharding.make_mesh()
-    state = train.init_state(config, network, tx, mesh)
-    make_loss = functools.partial(builders.loss_fn, config, network)
-    step = train.make_train_step(config, network, tx, make_loss, mesh)
+    state = update.init_state(config, network, tx, mesh)
+    make_loss = functools.partial(methods.loss_fn, config, network)
+    step = update.make_train_step(config, network, tx, make_loss, mesh)
     source = data.DigitsSource("train")
     batch = next(data.make_batches(source, seed=0, local_batch=16, image_size=8, num_channels=1,
                                    random_flip=False, num_threads=1))  # fmt: skip
     batches = sharding.global_array(
         {k: batch[k][None] for k in ("image", "label")}, sharding.stacked_batch_sharding(mesh)
     )
-    distance = builders.distance_fn(config)
+    distance = networks.distance_fn(config)
     lowered = step.lower(state, batches, None, distance, jax.random.key(0))
     # VGG16's 14.7M weights as constants would take hundreds of MB of program text.
     assert len(lowered.as_text()) < 5_000_000

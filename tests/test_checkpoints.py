@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from consistency import checkpoints, sharding
+from consistency.io import checkpoints, sharding
 
 META = {"model": "toy", "params": [["w", [64, 32]]]}
 

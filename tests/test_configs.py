@@ -12,8 +12,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import base
-from consistency import builders, checkpoints, evaluate, sharding, train
-from consistency.train_state import TrainState
+from consistency.experiment import methods, networks, sample, spec, train, train_state, update
+from consistency.experiment.train_state import TrainState
+from consistency.io import checkpoints, sharding
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
@@ -61,7 +62,7 @@ def test_config_builds_and_only_overrides_base_keys(name):
     assert set(config) == set(defaults), set(config) ^ set(defaults)
     for key, value in config.items():
         assert type(value) is type(defaults[key]) or isinstance(value, (int, float)), key
-    train.validate_config(_load(name)) if not _needs_teacher(_load(name)) else None
+    spec.validate_config(_load(name)) if not _needs_teacher(_load(name)) else None
 
 
 @pytest.mark.parametrize("metric", ["l1", "l2", "lpips"])
@@ -96,14 +97,14 @@ def _reduce(config):
 
 def _write_teacher(config, directory):
     """A teacher checkpoint of the reduced network (EMA = a fresh init), as an EDM run writes."""
-    network = builders.build_network(config)
+    network = networks.build_network(config)
     d = config.data
     x = jnp.zeros((1, d.image_size, d.image_size, d.num_channels))
     params = network.init(jax.random.key(3), x, jnp.zeros((1,), jnp.int32))
-    state = TrainState.create(params, builders.optimizer(config), num_ema=1, with_target=False)
+    state = TrainState.create(params, train_state.optimizer(config), num_ema=1, with_target=False)
     meta = {
         "model": config.model.name,
-        "params": checkpoints.param_fingerprint(evaluate.abstract_params(config, network)),
+        "params": checkpoints.param_fingerprint(sample.abstract_params(config, network)),
     }
     ckpt = checkpoints.Checkpointer(directory)
     ckpt.save(0, state, meta)
@@ -144,23 +145,23 @@ def test_paper_config_runs_one_step_on_mock_data(name, tmp_path):
 def test_successor_config_traces_one_step_and_sampler(name, arg):
     config = _to_digits(_load(name, arg))
     config.training.teacher_checkpoint = ""
-    network, tx = builders.build_network(config), builders.optimizer(config)
+    network, tx = networks.build_network(config), train_state.optimizer(config)
     mesh = sharding.make_mesh()
-    state = train.abstract_state(config, network, tx, mesh)
+    state = update.abstract_state(config, network, tx, mesh)
     teacher = state.params if _needs_teacher(config) else None
-    make_loss = functools.partial(builders.loss_fn, config, network)
-    step = train.make_train_step(config, network, tx, make_loss, mesh)
+    make_loss = functools.partial(methods.loss_fn, config, network)
+    step = update.make_train_step(config, network, tx, make_loss, mesh)
     batch = {
         "image": jax.ShapeDtypeStruct((1, 8, 8, 8, 1), jnp.float32),
         "label": jax.ShapeDtypeStruct((1, 8), jnp.int32),
     }
-    distance = builders.distance_fn(config)
+    distance = networks.distance_fn(config)
     new_state, metrics = jax.eval_shape(step, state, batch, teacher, distance, jax.random.key(0))
     assert metrics["loss"].shape == () and int(new_state.step.size) == 1
     assert jax.tree.structure(new_state.params) == jax.tree.structure(state.params)
     ids, labels = jnp.arange(2), jnp.zeros((2,), jnp.int32)
     images = jax.eval_shape(
-        evaluate.make_sample_fn(config, network), state.ema_params[0], jax.random.key(0), ids,
+        sample.make_sample_fn(config, network), state.ema_params[0], jax.random.key(0), ids,
         labels,
     )  # fmt: skip
     assert images.shape == (2, 8, 8, 1)

@@ -15,8 +15,8 @@ from flax import traverse_util
 from test_convert_diffusers import diffusers_config, to_diffusers, write_safetensors
 
 from configs import cd_cifar10, cd_imagenet64
-from consistency import builders, checkpoints, evaluate, train
-from consistency.convert import cli
+from consistency.experiment import convert, networks, sample, train
+from consistency.io import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 JCM = refdata.cases("jcm_ncsnpp")[0].values[0]
@@ -68,14 +68,14 @@ def _flat(tree) -> dict:
 
 def _sample_and_check(config, workdir, params, network):
     """--mode=sample on the converted dir, and the sampler's float output is finite."""
-    out = evaluate.run_sample(config, workdir)
+    out = sample.run_sample(config, workdir)
     d = config.data
     images = np.load(out)["arr_0"]
     assert images.dtype == np.uint8 and images.shape == (2, d.image_size, d.image_size, 3)
     assert images.std() > 0
     ids = np.arange(2)
-    labels = jnp.asarray(evaluate.sample_labels(config, ids))
-    x = evaluate.make_sample_fn(config, network)(params, jax.random.key(0), ids, labels)
+    labels = jnp.asarray(sample.sample_labels(config, ids))
+    x = sample.make_sample_fn(config, network)(params, jax.random.key(0), ids, labels)
     assert np.isfinite(np.asarray(x)).all()
 
 
@@ -85,7 +85,7 @@ def adm(request, tmp_path_factory):
     meta = json.loads(files[".json"].read_text())
     config = adm_config(meta)
     out = tmp_path_factory.mktemp(request.param["name"])
-    ckpt_dir, count = cli.convert(config, source="cm-pt", checkpoint=files[".pt"], out=out)
+    ckpt_dir, count = convert.convert(config, source="cm-pt", checkpoint=files[".pt"], out=out)
     return dict(files=files, meta=meta, config=config, out=out, ckpt_dir=ckpt_dir, count=count)
 
 
@@ -94,7 +94,7 @@ def test_adm_conversion_samples_and_reproduces_model_output(adm):
     assert adm["count"] == adm["meta"]["num_parameters"]
     params, meta, step = checkpoints.load_params(adm["ckpt_dir"])
     assert step == 0 and meta["model"] == "adm"
-    network = builders.build_network(config)
+    network = networks.build_network(config)
     y = jnp.asarray(ref["io/labels"]) if config.data.class_conditional else None
     x_in, c_noise = refdata.nhwc(ref["io/model_input"]), ref["io/t_input"]
     raw = jax.jit(lambda p: network.apply(p, x_in, c_noise, y, None))(params)
@@ -106,10 +106,10 @@ def test_adm_conversion_samples_and_reproduces_model_output(adm):
 def test_adm_conversion_is_a_cd_teacher(adm):
     config = adm["config"].copy_and_resolve_references()
     config.training.teacher_checkpoint = str(adm["ckpt_dir"])
-    network = builders.build_network(config)
-    expected = checkpoints.param_fingerprint(evaluate.abstract_params(config, network))
+    network = networks.build_network(config)
+    expected = checkpoints.param_fingerprint(sample.abstract_params(config, network))
     teacher = train.load_teacher(config, network, expected)
-    want = _flat(cli.read_params("cm-pt", adm["files"][".pt"], evaluate.abstract_params(
+    want = _flat(convert.read_params("cm-pt", adm["files"][".pt"], sample.abstract_params(
         config, network)))  # fmt: skip
     got = _flat(teacher)
     assert got.keys() == want.keys()
@@ -124,7 +124,7 @@ def test_diffusers_folder_converts_to_the_same_params(adm, tmp_path):
     write_safetensors(
         tmp_path / "unet" / "diffusion_pytorch_model.safetensors", to_diffusers(state, dconfig)
     )
-    ckpt_dir, _ = cli.convert(
+    ckpt_dir, _ = convert.convert(
         adm["config"], source="diffusers", checkpoint=tmp_path / "unet", out=tmp_path / "out"
     )
     got, want = checkpoints.load_params(ckpt_dir)[0], checkpoints.load_params(adm["ckpt_dir"])[0]
@@ -133,7 +133,9 @@ def test_diffusers_folder_converts_to_the_same_params(adm, tmp_path):
     config = adm["config"].copy_and_resolve_references()
     config.model.adm.num_head_channels = 32  # same shapes, other heads: caught from config.json
     with pytest.raises(ValueError, match="attention heads at 32 channels"):
-        cli.convert(config, source="diffusers", checkpoint=tmp_path / "unet", out=tmp_path / "x")
+        convert.convert(
+            config, source="diffusers", checkpoint=tmp_path / "unet", out=tmp_path / "x"
+        )
 
 
 def test_wrong_config_names_the_first_mismatching_key(adm, tmp_path):
@@ -142,7 +144,7 @@ def test_wrong_config_names_the_first_mismatching_key(adm, tmp_path):
     with pytest.raises(
         ValueError, match=r"network of this config .*: time_embed\.0\.weight: converted shape"
     ):
-        cli.convert(config, source="cm-pt", checkpoint=adm["files"][".pt"], out=tmp_path)
+        convert.convert(config, source="cm-pt", checkpoint=adm["files"][".pt"], out=tmp_path)
     config = adm["config"].copy_and_resolve_references()
     config.data.class_conditional = not config.data.class_conditional
     label = (
@@ -151,20 +153,22 @@ def test_wrong_config_names_the_first_mismatching_key(adm, tmp_path):
         else r"model parameters not in the state dict: \['label_emb/embedding'\]"
     )
     with pytest.raises(ValueError, match=label):
-        cli.convert(config, source="cm-pt", checkpoint=adm["files"][".pt"], out=tmp_path)
+        convert.convert(config, source="cm-pt", checkpoint=adm["files"][".pt"], out=tmp_path)
     with pytest.raises(ValueError, match="fill model.name='ncsnpp'"):
-        cli.convert(
+        convert.convert(
             adm["config"], source="jcm", checkpoint=JCM["files"][".msgpack.xz"], out=tmp_path
         )
     with pytest.raises(FileExistsError, match="choose a fresh --out"):
-        cli.convert(adm["config"], source="cm-pt", checkpoint=adm["files"][".pt"], out=adm["out"])
+        convert.convert(
+            adm["config"], source="cm-pt", checkpoint=adm["files"][".pt"], out=adm["out"]
+        )
 
 
 def test_jcm_conversion_equals_the_npz_params_and_samples(tmp_path):
     spec = json.loads(JCM["files"][".json"].read_text())
     ref = np.load(JCM["files"][".npz"])
     config = jcm_config(spec)
-    ckpt, count = cli.convert(
+    ckpt, count = convert.convert(
         config, source="jcm", checkpoint=JCM["files"][".msgpack.xz"], out=tmp_path / "ema"
     )
     assert count == spec["n_params"]
@@ -173,19 +177,19 @@ def test_jcm_conversion_equals_the_npz_params_and_samples(tmp_path):
     want = {k[len("params/") :]: ref[k] for k in ref.files if k.startswith("params/")}
     assert got.keys() == want.keys()
     assert all(got[k].dtype == np.float32 and np.array_equal(got[k], want[k]) for k in want)
-    online, _ = cli.convert(
+    online, _ = convert.convert(
         config, source="jcm", checkpoint=JCM["files"][".msgpack.xz"], out=tmp_path / "online",
         jcm_tree="params",
     )  # fmt: skip
     online = _flat(checkpoints.load_params(online)[0])
     changed = {k for k in want if not np.array_equal(online[k], want[k])}
     assert changed == set(spec["checkpoint"]["grad_leaves"])
-    _sample_and_check(config, tmp_path / "ema", params, builders.build_network(config))
+    _sample_and_check(config, tmp_path / "ema", params, networks.build_network(config))
     config.model.ncsnpp.nf = 32
     with pytest.raises(
         ValueError, match=r"AttnBlockpp_0/GroupNorm_0/bias: shape \(32,\), model expects \(64,\)"
     ):
-        cli.convert(config, source="jcm", checkpoint=JCM["files"][".msgpack.xz"], out=tmp_path)
+        convert.convert(config, source="jcm", checkpoint=JCM["files"][".msgpack.xz"], out=tmp_path)
 
 
 def test_command_line_converts_a_cm_checkpoint(tmp_path):

@@ -13,7 +13,7 @@ import refdata
 from flax import traverse_util
 
 from consistency.convert.cm_pt import cm_module_path, cm_state_dict_to_flax, load_cm_checkpoint
-from consistency.convert.torch_pt import load_torch_state_dict
+from consistency.io.torch_pt import load_torch_state_dict
 from consistency.models.adm import adm_from_create_model_args, adm_param_shapes
 
 

@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from consistency.convert.cm_pt import load_cm_checkpoint
 from consistency.convert.diffusers import load_diffusers_unet, read_safetensors
-from consistency.convert.torch_pt import load_torch_state_dict
+from consistency.io.torch_pt import load_torch_state_dict
 from consistency.models.adm import adm_from_create_model_args
 
 _RESNET = {

@@ -12,7 +12,6 @@ import pytest
 import refdata
 from flax.traverse_util import empty_node, flatten_dict
 
-from consistency import parameterization
 from consistency.convert.jcm import (
     check_params,
     load_jcm_params,
@@ -20,6 +19,7 @@ from consistency.convert.jcm import (
     ncsnpp_from_jcm_config,
     read_jcm_bytes,
 )
+from consistency.core import parameterization
 
 CASES = refdata.cases("jcm_ncsnpp")
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from consistency import distances
+from consistency.core import distances
 
 
 def test_l1_l2_are_per_sample_means():

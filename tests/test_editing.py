@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import refdata
 
-from consistency import editing, samplers
+from consistency.core import editing, samplers
 
 
 def _f_params(meta: dict) -> dict:

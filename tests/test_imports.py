@@ -1,97 +1,79 @@
-"""The import direction of STYLE.md, read from every module's imports with ast."""
+"""The layers of the package, read from every module's imports with ast."""
 
 import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "consistency"
-MATH = {"schedules", "parameterization", "ode", "distances", "losses", "samplers", "editing"}
-INFRA = {"data", "checkpoints", "sharding", "optim", "train_state"}
 
-# module (or "package.*") -> the consistency modules it may import.
-ALLOWED = {
-    "schedules": set(),
-    "parameterization": set(),
-    "ode": {"schedules", "parameterization"},
-    "distances": set(),
-    "losses": {"schedules", "parameterization", "ode", "distances"},
-    "samplers": {"schedules", "parameterization", "ode"},
-    "editing": {"schedules", "parameterization", "samplers"},
-    # Networks stand apart; the torch-free .pt reader is a leaf IO utility they may load with.
-    "models.*": {"models.*", "convert.torch_pt"},
-    "convert.*": {"models.*", "convert.*"},
-    "metrics": set(),
-    **{name: INFRA for name in INFRA},
-    # Only these turn config into functions: they meet math, models and infrastructure.
-    "train": {"*"},
-    "evaluate": {"*"},
-    "builders": {"*"},
-    "scoring": {"*"},  # --mode=eval: config -> samples, features and metrics of checkpoints
-    # The digits FID's classifier: trained on the digits data, its network from models/.
-    "classifier": {"data", "models.*"},
-    "editor": {"*"},  # --mode=edit: config -> editing tasks on a checkpoint's model
-    # The convert command: config -> network, an official checkpoint -> our checkpoint format.
-    "convert.cli": {"*"},
+# subpackage -> the subpackages its modules may import (each may import itself).
+LAYERS = {
+    "core": set(),  # pure math on callables: schedules ... losses, samplers, editing
+    "models": set(),  # generators: networks that know nothing of sigma or config
+    "io": set(),  # data, checkpoints, sharding, preemption, image files, the .pt reader
+    "measure": {"io"},  # FID/IS math, Inception, LPIPS/VGG, digits classifier
+    "convert": {"models", "io"},  # official checkpoints -> our params
+    "experiment": {"core", "models", "io", "measure", "convert"},  # config -> specs -> runs
 }
+# Third-party packages only the experiment layer may import: it alone reads config.
+CONFIG_PACKAGES = ("ml_collections",)
 
 
-def _module_name(path: pathlib.Path) -> str:
-    rel = path.relative_to(PACKAGE).with_suffix("")
-    parts = [p for p in rel.parts if p != "__init__"]
-    return ".".join(parts)
-
-
-def _rule(name: str):
-    if name in ALLOWED:
-        return ALLOWED[name]
-    for key, allowed in ALLOWED.items():
-        if key.endswith(".*") and name.startswith(key[:-1]):
-            return allowed
-    return None
-
-
-def _matches(target: str, patterns) -> bool:
-    return any(
-        p == "*" or p == target or (p.endswith(".*") and target.startswith(p[:-1]))
-        for p in patterns
-    )
+def _modules():
+    """(layer, path) of every module; entry points (__main__) are above the layers."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if len(rel.parts) > 1 and path.name != "__main__.py":
+            yield rel.parts[0], path
 
 
 def _imports(path: pathlib.Path) -> set[str]:
+    """Every absolute module name the file imports."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = []
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for n in names:
-            if n.startswith("consistency."):
-                found.add(n[len("consistency.") :])
-    # "from consistency.models import adm" names both models and models.adm; keep modules only.
-    return {n for n in found if (PACKAGE / n.replace(".", "/")).with_suffix(".py").exists()
-            or (PACKAGE / n.replace(".", "/")).is_dir()}  # fmt: skip
+            assert node.level == 0, f"{path}: relative import"
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found
 
 
-def test_every_module_follows_the_dependency_table():
+def _layer(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if parts[0] == "consistency" and len(parts) > 1 else None
+
+
+def test_every_subpackage_is_in_the_table():
+    found = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert found == set(LAYERS)
+    top = {p.name for p in PACKAGE.glob("*.py")}
+    assert top == {"__init__.py"}, f"modules outside the subpackages: {sorted(top)}"
+
+
+def test_imports_go_down_the_layers():
     problems = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        name = _module_name(path)
-        if not name or name.split(".")[-1] in ("__main__",) and name.count(".") == 0:
-            continue
-        if name in ("models", "convert") or name.endswith("__main__"):
-            rule = _rule(name + ".*") if name in ("models", "convert") else {"*"}
-        else:
-            rule = _rule(name)
-        if rule is None:
-            problems.append(f"{name}: not in the dependency table of tests/test_imports.py")
-            continue
-        for target in _imports(path):
-            if target != name and not _matches(target, rule):
-                problems.append(f"{name} imports {target}")
+    for layer, path in _modules():
+        for name in _imports(path):
+            target = _layer(name)
+            if target and target != layer and target not in LAYERS[layer]:
+                problems.append(f"{path.relative_to(PACKAGE)} imports {name}")
     assert not problems, "\n".join(problems)
 
 
-def test_the_table_rejects_an_upward_import():
-    assert not _matches("losses", ALLOWED["schedules"])
-    assert not _matches("train", ALLOWED["models.*"])
-    assert _matches("models.attention", ALLOWED["models.*"])
+def test_only_the_experiment_layer_reads_config():
+    problems = [
+        f"{path.relative_to(PACKAGE)} imports {name}"
+        for layer, path in _modules()
+        for name in _imports(path)
+        if layer != "experiment" and name.split(".")[0] in CONFIG_PACKAGES
+    ]
+    assert not problems, "\n".join(problems)
+    # And nothing below it takes a parameter named `config` (a ConfigDict by convention here).
+    for layer, path in _modules():
+        if layer == "experiment":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                args = [a.arg for a in node.args.args + node.args.kwonlyargs]
+                assert "config" not in args, f"{path.relative_to(PACKAGE)}:{node.name} takes config"

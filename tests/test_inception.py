@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import refdata
 
-from consistency import metrics
-from consistency.models import inception as inc
+from consistency.measure import inception as inc
+from consistency.measure import metrics
 
 
 def regenerate_recipe(recipe: list) -> dict:

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from consistency import losses, ode, schedules
-from consistency.distances import l2, l2_norm
-from consistency.parameterization import get_weighting
+from consistency.core import losses, ode, schedules
+from consistency.core.distances import l2, l2_norm
+from consistency.core.parameterization import get_weighting
 
 UNIFORM = get_weighting("uniform")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import refdata
 
-from consistency.models import lpips as lp
+from consistency.measure import lpips as lp
 
 
 def regenerate_recipe(recipe: list) -> dict:

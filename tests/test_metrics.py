@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import refdata
 
-from consistency import metrics
+from consistency.measure import metrics
 
 
 def regenerate_set(meta: dict, recipe: str, expected_sum: float | None) -> np.ndarray:

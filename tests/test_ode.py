@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import refdata
 
-from consistency import ode, schedules
+from consistency.core import ode, schedules
 
 
 @pytest.mark.parametrize("case", refdata.cases("cm_samplers"))

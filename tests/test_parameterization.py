@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import refdata
 
-from consistency import parameterization as P
+from consistency.core import parameterization as P
 
 RTOL = refdata.FORMULA_RTOL
 

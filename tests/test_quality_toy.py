@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from consistency import ode, schedules
+from consistency.core import ode, schedules
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality_toy as qt  # noqa: E402  (benchmarks/ is not a package)

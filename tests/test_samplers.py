@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import refdata
 
-from consistency import samplers
+from consistency.core import samplers
+from consistency.core.parameterization import c_noise_adm
 
 CM_CASES = refdata.cases("cm_samplers")
 
@@ -71,7 +72,6 @@ def test_diffusers_sigma_tables(case):
             # diffusers appends sigma_min as the terminator of its sigma list.
             full = np.append(sigmas, np.float32(cfg["sigma_min"]))
             np.testing.assert_allclose(full, ref["sigmas"], rtol=refdata.FORMULA_RTOL)
-            from consistency.parameterization import c_noise_adm
 
             np.testing.assert_allclose(
                 c_noise_adm(sigmas), ref["timesteps"], rtol=refdata.FORMULA_RTOL, atol=1e-3

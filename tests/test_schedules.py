@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import refdata
 
-from consistency import schedules
+from consistency.core import schedules
 
 
 @pytest.mark.parametrize("case", refdata.cases("cm_formulas"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from consistency import sharding
+from consistency.io import sharding
 
 
 def test_mesh_has_a_data_and_an_fsdp_axis():

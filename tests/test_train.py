@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from consistency import builders, checkpoints, data, sharding, train
+from consistency.experiment import methods, networks, spec, train, train_state, update
+from consistency.io import checkpoints, data, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -136,13 +137,13 @@ def _digits_batch(size=16):
 def _one_step(config, devices):
     """(initial params, params after one step, metrics) on a mesh of `devices`."""
     mesh = sharding.make_mesh(config.training.mesh_fsdp, devices)
-    network, tx = builders.build_network(config), builders.optimizer(config)
-    state = train.init_state(config, network, tx, mesh)
+    network, tx = networks.build_network(config), train_state.optimizer(config)
+    state = update.init_state(config, network, tx, mesh)
     initial = jax.device_get(state.params)  # the step donates the state
-    make_loss = functools.partial(builders.loss_fn, config, network)
-    step = train.make_train_step(config, network, tx, make_loss, mesh)
+    make_loss = functools.partial(methods.loss_fn, config, network)
+    step = update.make_train_step(config, network, tx, make_loss, mesh)
     batch = sharding.global_array(_digits_batch(), sharding.stacked_batch_sharding(mesh))
-    distance = jax.device_put(builders.distance_fn(config), sharding.replicated(mesh))
+    distance = jax.device_put(networks.distance_fn(config), sharding.replicated(mesh))
     state, metrics = step(
         state.replace(step=state.step + 5), batch, None, distance, jax.random.key(7)
     )
@@ -175,14 +176,14 @@ def test_step_on_8_devices_equals_the_1_device_step(monkeypatch):
 def test_bfloat16_compute_keeps_params_ema_and_optimiser_state_in_float32():
     config = _small()
     config.model.dtype = "bfloat16"
-    network, tx = builders.build_network(config), builders.optimizer(config)
+    network, tx = networks.build_network(config), train_state.optimizer(config)
     mesh = sharding.make_mesh(1, jax.devices()[:1])
-    state = train.abstract_state(config, network, tx, mesh)
-    make_loss = functools.partial(builders.loss_fn, config, network)
-    step = train.make_train_step(config, network, tx, make_loss, mesh)
+    state = update.abstract_state(config, network, tx, mesh)
+    make_loss = functools.partial(methods.loss_fn, config, network)
+    step = update.make_train_step(config, network, tx, make_loss, mesh)
     batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), _digits_batch())
     after, metrics = jax.eval_shape(
-        step, state, batch, None, builders.distance_fn(config), jax.random.key(0)
+        step, state, batch, None, networks.distance_fn(config), jax.random.key(0)
     )
     for tree in (state, after):
         floats = [x.dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
@@ -239,8 +240,8 @@ def test_validation_names_every_bad_key_once():
     config.optim.lr = -1.0
     config.model.dropout = 1.5
     config.model.remat = "some"
-    with pytest.raises(train.ConfigError) as error:
-        train.validate_config(config, num_devices=8)
+    with pytest.raises(spec.ConfigError) as error:
+        spec.validate_config(config, num_devices=8)
     lines = str(error.value).splitlines()[1:]
     expected = [
         "training.micro_batches=0: must be a positive integer",
@@ -253,5 +254,5 @@ def test_validation_names_every_bad_key_once():
     assert len(lines) == len(expected)
     for text in expected:
         assert sum(text in line for line in lines) == 1, text
-    with pytest.raises(train.ConfigError, match=r"x training.micro_batches \(4\) = 32"):
-        train.validate_config(_config(micro_batches=4), num_devices=8)
+    with pytest.raises(spec.ConfigError, match=r"x training.micro_batches \(4\) = 32"):
+        spec.validate_config(_config(micro_batches=4), num_devices=8)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from consistency import builders, checkpoints, sharding, train
+from consistency.experiment import networks, train, train_state, update
+from consistency.io import checkpoints, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The test process's settings (conftest), so that the children hit the same compilation cache.
@@ -61,9 +62,9 @@ def _wait_for_steps(proc, count: int) -> list[str]:
 
 
 def _restored(workdir, config, step):
-    network, tx = builders.build_network(config), builders.optimizer(config)
+    network, tx = networks.build_network(config), train_state.optimizer(config)
     mesh = sharding.make_mesh(1, jax.devices()[:1])
-    template = train.abstract_state(config, network, tx, mesh)
+    template = update.abstract_state(config, network, tx, mesh)
     ckpt = checkpoints.Checkpointer(pathlib.Path(workdir) / "checkpoints")
     state, _ = ckpt.restore(step, template)
     ckpt.close()
@@ -119,7 +120,7 @@ import numpy as np
 import jax
 from absl import flags
 import main
-from consistency import train
+from consistency.experiment import train
 
 run = train.train_and_evaluate
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from consistency import builders, train_state
+from consistency.experiment import methods, networks, train_state, update
 
 STEP = 5  # N(5) = 7 grid points: a curriculum step past the first
 
@@ -16,9 +16,9 @@ def _grad_fn(micro_batches=1, scan=False, remat="none"):
     # Smaller than the test UNet still (one level, attention only in the middle): fast compiles.
     config.model.unet.update(channels=4, channel_mult=(1,), attn_resolutions=())
     config.model.remat = remat
-    network = builders.build_network(config)
-    loss = builders.loss_fn(config, network, builders.distance_fn(config))
-    return network, jax.jit(train_state.make_grad_fn(loss, micro_batches, scan=scan))
+    network = networks.build_network(config)
+    loss = methods.loss_fn(config, network, networks.distance_fn(config))
+    return network, jax.jit(update.make_grad_fn(loss, micro_batches, scan=scan))
 
 
 def _inputs(network):

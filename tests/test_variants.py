@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from consistency import builders, data, losses, sharding, train
+from consistency.core import losses
+from consistency.core.parameterization import get_weighting
+from consistency.experiment import methods, networks, spec, train_state, update
+from consistency.io import data, sharding
 from consistency.models.unet import sinusoidal_embedding
-from consistency.parameterization import get_weighting
 
 VARIANTS = {
     "ict": ("ict_digits", None),
@@ -76,17 +78,17 @@ def test_variant_learns_on_digits(name, digits):
     # c_noise = 0.25 ln sigma, not ADM's 250 ln sigma: continuous-time losses differentiate f in
     # sigma, and 1000x that slope is the instability iCT and sCM cure with gentler embeddings.
     network = dataclasses.replace(
-        builders.build_network(config), module=TinyNet(), takes_labels=False, noise_cond="ncsnpp"
+        networks.build_network(config), module=TinyNet(), takes_labels=False, noise_cond="ncsnpp"
     )
-    tx = builders.optimizer(config)
-    state = train.init_state(config, network, tx, mesh)
+    tx = train_state.optimizer(config)
+    state = update.init_state(config, network, tx, mesh)
     teacher = None
     if config.training.loss in ("cd_continuous", "scd"):
         teacher = network.init(jax.random.key(7), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), int))
-    make_loss = functools.partial(builders.loss_fn, config, network)
-    step = train.make_train_step(config, network, tx, make_loss, mesh)
-    distance = builders.distance_fn(config)
-    consistency = builders.model_fn(network, config, "consistency")
+    make_loss = functools.partial(methods.loss_fn, config, network)
+    step = update.make_train_step(config, network, tx, make_loss, mesh)
+    distance = networks.distance_fn(config)
+    consistency = networks.model_fn(network, config, "consistency")
     noise = jax.random.normal(jax.random.key(3), digits.shape)
 
     @jax.jit
@@ -124,10 +126,10 @@ def test_scm_needs_trigflow_and_the_learned_weighting():
     config = importlib.import_module("configs.scm_digits").get_config("sct")
     config.training.teacher_checkpoint = ""
     config.training.init_from_teacher = False
-    train.validate_config(config)
+    spec.validate_config(config)
     config.model.logvar_features = 0
     with pytest.raises(ValueError, match="model.parameterization='trigflow' and model.logvar"):
-        train.validate_config(config)
+        spec.validate_config(config)
 
 
 @pytest.mark.parametrize("scalings", ["edm", "boundary"])
@@ -136,25 +138,25 @@ def test_ect_trains_the_configured_scalings(scalings, digits):
     # boundary ones; training.ect_scalings='boundary' trains the sampled function instead.
     config = _config("ect")
     config.training.ect_scalings = scalings
-    train.validate_config(config)
+    spec.validate_config(config)
     network = dataclasses.replace(
-        builders.build_network(config), module=TinyNet(), takes_labels=False, noise_cond="ncsnpp"
+        networks.build_network(config), module=TinyNet(), takes_labels=False, noise_cond="ncsnpp"
     )
     params = network.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), int))
     params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), params)  # non-zero output
     batch = {"image": jnp.asarray(digits[:BATCH]), "label": jnp.zeros((BATCH,), int)}
-    loss = builders.loss_fn(config, network, builders.distance_fn(config))
+    loss = methods.loss_fn(config, network, networks.distance_fn(config))
     got, _ = loss(params, None, None, batch, jax.random.key(1), 300)
     kind = "edm" if scalings == "edm" else "consistency"
-    fn = builders.model_fn(network, config, kind)
+    fn = networks.model_fn(network, config, kind)
     t = config.training
     want, _ = losses.easy_consistency_loss(
         lambda p, x, s, k: fn(p, x, s, batch["label"], k), params, batch["image"],
-        jax.random.key(1), 300, distance=builders.distance_fn(config),
+        jax.random.key(1), 300, distance=networks.distance_fn(config),
         weighting=get_weighting(t.weighting), p_mean=t.p_mean, p_std=t.p_std, q=t.ect_q,
         stage_steps=t.ect_stage_steps, r_min=0.0 if scalings == "edm" else config.model.sigma_min,
     )  # fmt: skip
     np.testing.assert_allclose(got, want, rtol=1e-6)
     config.training.ect_scalings = "sigma_min"
     with pytest.raises(ValueError, match="training.ect_scalings"):
-        train.validate_config(config)
+        spec.validate_config(config)

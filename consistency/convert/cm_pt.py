@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from consistency.convert.torch_pt import load_torch_state_dict
+from consistency.io.torch_pt import load_torch_state_dict
 from consistency.models.adm import ADMUNet, adm_param_shapes
 
 # How many leading dotted parts of a cm module path form one Flax block name

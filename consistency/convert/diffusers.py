@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from consistency.convert.cm_pt import cm_state_dict_to_flax
-from consistency.convert.torch_pt import load_torch_state_dict
+from consistency.io.torch_pt import load_torch_state_dict
 from consistency.models.adm import ADMUNet, adm_param_shapes
 
 _SAFETENSORS_DTYPES = {
@@ -89,9 +89,9 @@ def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _block_types(config: Mapping[str, Any]) -> list[bool]:
+def _block_types(unet_config: Mapping[str, Any]) -> list[bool]:
     """Per level, whether it has attention; checks that up blocks mirror the down blocks."""
-    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    down, up = list(unet_config["down_block_types"]), list(unet_config["up_block_types"])
     for t in down + up:
         if t not in _DOWN_TYPES and t not in _UP_TYPES:
             choices = sorted(_DOWN_TYPES) + sorted(_UP_TYPES)
@@ -102,36 +102,38 @@ def _block_types(config: Mapping[str, Any]) -> list[bool]:
     return attn
 
 
-def adm_from_diffusers_config(config: Mapping[str, Any], **overrides: Any) -> ADMUNet:
+def adm_from_diffusers_config(unet_config: Mapping[str, Any], **overrides: Any) -> ADMUNet:
     """ADMUNet equivalent to a diffusers UNet2DModel config of the cm conversion script."""
     for key, value in _FIXED_CONFIG.items():
-        if key in config and config[key] != value:
-            raise ValueError(f"UNet2DModel {key}={config[key]!r} unsupported; ADM uses {value!r}")
-    attn = _block_types(config)
-    channels = list(config["block_out_channels"])
+        if key in unet_config and unet_config[key] != value:
+            raise ValueError(
+                f"UNet2DModel {key}={unet_config[key]!r} unsupported; ADM uses {value!r}"
+            )
+    attn = _block_types(unet_config)
+    channels = list(unet_config["block_out_channels"])
     if any(c % channels[0] for c in channels):
         raise ValueError(f"block_out_channels {channels} are not multiples of the first")
     fields = dict(
         model_channels=channels[0],
-        out_channels=config.get("out_channels", 3),
-        num_res_blocks=int(config["layers_per_block"]),
+        out_channels=unet_config.get("out_channels", 3),
+        num_res_blocks=int(unet_config["layers_per_block"]),
         attention_resolutions=tuple(2**i for i, a in enumerate(attn) if a),
         channel_mult=tuple(c // channels[0] for c in channels),
-        num_classes=config.get("num_class_embeds"),
+        num_classes=unet_config.get("num_class_embeds"),
         # attention_head_dim None means one head over all channels in diffusers
-        num_head_channels=int(config.get("attention_head_dim") or -1),
+        num_head_channels=int(unet_config.get("attention_head_dim") or -1),
         num_heads=1,
-        dropout=float(config.get("dropout", 0.0)),
-        use_scale_shift_norm=config.get("resnet_time_scale_shift", "default") == "scale_shift",
+        dropout=float(unet_config.get("dropout", 0.0)),
+        use_scale_shift_norm=unet_config.get("resnet_time_scale_shift", "default") == "scale_shift",
         resblock_updown=True,
     )
     fields.update(overrides)
     return ADMUNet(**fields)
 
 
-def _module_table(config: Mapping[str, Any]) -> dict[str, str]:
+def _module_table(unet_config: Mapping[str, Any]) -> dict[str, str]:
     """diffusers module prefix -> cm module prefix, following the cm conversion's block order."""
-    attn, n = _block_types(config), int(config["layers_per_block"])
+    attn, n = _block_types(unet_config), int(unet_config["layers_per_block"])
     table, cur = dict(_TOP), 1
     for i, has_attn in enumerate(attn):
         for j in range(n):
@@ -167,10 +169,10 @@ def _split(name: str, table: Mapping[str, str]) -> tuple[str, str, str]:
 
 
 def diffusers_to_cm_state_dict(
-    state: Mapping[str, np.ndarray], config: Mapping[str, Any]
+    state: Mapping[str, np.ndarray], unet_config: Mapping[str, Any]
 ) -> dict[str, np.ndarray]:
     """cm state dict from diffusers UNet2DModel weights: renamed, q/k/v concatenated into qkv."""
-    table, out, qkv = _module_table(config), {}, {}
+    table, out, qkv = _module_table(unet_config), {}, {}
     for name, value in state.items():
         prefix, sub, leaf = _split(name, table)
         cm = table[prefix]
@@ -197,20 +199,20 @@ def read_diffusers_folder(folder: str | pathlib.Path) -> tuple[dict, dict[str, n
     folder = pathlib.Path(folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json (expected a UNet2DModel folder)")
-    config = json.loads((folder / "config.json").read_text())
+    unet_config = json.loads((folder / "config.json").read_text())
     weights = folder / "diffusion_pytorch_model.safetensors"
     if weights.exists():
-        return config, read_safetensors(weights)
+        return unet_config, read_safetensors(weights)
     if (folder / "diffusion_pytorch_model.bin").exists():
-        return config, load_torch_state_dict(folder / "diffusion_pytorch_model.bin")
+        return unet_config, load_torch_state_dict(folder / "diffusion_pytorch_model.bin")
     raise FileNotFoundError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin")
 
 
 def load_diffusers_unet(folder: str | pathlib.Path, **overrides: Any) -> tuple[ADMUNet, dict]:
     """(model, {'params': ...}) from a UNet2DModel folder (config.json + .safetensors or .bin)."""
-    config, state = read_diffusers_folder(folder)
-    model = adm_from_diffusers_config(config, **overrides)
-    cm_state = diffusers_to_cm_state_dict(state, config)
+    unet_config, state = read_diffusers_folder(folder)
+    model = adm_from_diffusers_config(unet_config, **overrides)
+    cm_state = diffusers_to_cm_state_dict(state, unet_config)
     return model, cm_state_dict_to_flax(
-        cm_state, adm_param_shapes(model, config.get("in_channels", 3))
+        cm_state, adm_param_shapes(model, unet_config.get("in_channels", 3))
     )

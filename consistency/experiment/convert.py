@@ -3,10 +3,13 @@
 import pathlib
 
 import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from consistency import builders, checkpoints, evaluate
-from consistency.convert import cm_pt, diffusers, jcm, torch_pt
-from consistency.train_state import TrainState
+from consistency.convert import cm_pt, diffusers, jcm
+from consistency.experiment import networks, sample
+from consistency.experiment.train_state import TrainState
+from consistency.io import checkpoints, torch_pt
 
 # source -> the model.name its checkpoints fill.
 SOURCES = {"cm-pt": "adm", "jcm": "ncsnpp", "diffusers": "adm"}
@@ -90,8 +93,8 @@ def convert(config, *, source: str, checkpoint: str, out: str, jcm_tree="params_
         )
     if not pathlib.Path(checkpoint).exists():
         raise FileNotFoundError(f"no checkpoint at {checkpoint}")
-    network = builders.build_network(config)
-    template = evaluate.abstract_params(config, network)
+    network = networks.build_network(config)
+    template = sample.abstract_params(config, network)
     try:
         params = read_params(source, checkpoint, template, module=network.module, jcm_tree=jcm_tree)
     except (KeyError, ValueError) as e:
@@ -115,3 +118,35 @@ def convert(config, *, source: str, checkpoint: str, out: str, jcm_tree="params_
     writer.save(0, state, meta)
     writer.close()
     return ckpt_dir, sum(v.size for v in _flat(params).values())
+
+
+def define_flags() -> None:
+    """The command's flags (defined on demand: main.py defines its own --config)."""
+    config_flags.DEFINE_config_file("config", None, "Config whose network the checkpoint fills.")
+    flags.DEFINE_enum("source", None, list(SOURCES), "Format of --checkpoint.")
+    flags.DEFINE_string(
+        "checkpoint", None, "cm .pt file, jcm checkpoint (msgpack, raw or .xz) or diffusers folder."
+    )
+    flags.DEFINE_string(
+        "out", None, "Output dir: writes DIR/checkpoints (a --workdir for sampling)."
+    )
+    flags.DEFINE_enum(
+        "jcm_tree", "params_ema", list(jcm.PARAM_TREES), "jcm: which weights to take."
+    )
+    flags.mark_flags_as_required(["config", "source", "checkpoint", "out"])
+
+
+def main(argv) -> None:
+    """python -m consistency.convert: convert, then print the command that samples the result."""
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+    ckpt_dir, count = convert(
+        FLAGS.config, source=FLAGS.source, checkpoint=FLAGS.checkpoint, out=FLAGS.out,
+        jcm_tree=FLAGS.jcm_tree,
+    )  # fmt: skip
+    print(f"{FLAGS.config.model.name}: {count:,} parameters from {FLAGS.source} {FLAGS.checkpoint}")
+    print(f"wrote {ckpt_dir} step 0 (params = target = EMA copy 0; no optimiser state)")
+    path = config_flags.get_config_filename(FLAGS["config"])
+    print(f"sample: python main.py --config={path} --workdir={FLAGS.out} --mode=sample")

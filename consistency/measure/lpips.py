@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from consistency.models.vgg import VGG16_TAP_CHANNELS, VGG16Features, vgg16_params_from_torch
+from consistency.io import torch_pt
+from consistency.measure.vgg import VGG16_TAP_CHANNELS, VGG16Features, vgg16_params_from_torch
 
 # The LPIPS ScalingLayer for inputs in [-1, 1]; equal to ImageNet mean/std applied to (x + 1) / 2.
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
@@ -127,6 +128,6 @@ def lpips_params_from_torch(
 def load_lpips_params(vgg_path: str, lin_path: str) -> dict:
     """LPIPS params from the files users download: torchvision `vgg16-397923af.pth` (ImageNet
     VGG16) and the LPIPS package's `weights/v0.1/vgg.pth` heads."""
-    from consistency.convert.torch_pt import load_torch_state_dict  # torch-free reader
 
-    return lpips_params_from_torch(load_torch_state_dict(vgg_path), load_torch_state_dict(lin_path))
+    read = torch_pt.load_torch_state_dict  # the torch-free reader
+    return lpips_params_from_torch(read(vgg_path), read(lin_path))

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from consistency import data
-from consistency.models.digits_classifier import DigitsClassifier
+from consistency.io import data
+from consistency.measure.digits_classifier import DigitsClassifier
 
 # Every setting that changes the weights; the cache file name is a hash of them.
 HPARAMS = {

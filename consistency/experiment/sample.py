@@ -1,40 +1,14 @@
 """Sampling from checkpoints: images per sample id, ADM-format npz files and PNG grids."""
 
-import math
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from consistency import builders, checkpoints, ode, samplers, schedules
-
-
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] float -> uint8 [0, 255], rounding as the references' (x + 1) * 127.5."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
-        np.uint8
-    )
-
-
-def image_grid(images_uint8: np.ndarray, ncols: int | None = None) -> np.ndarray:
-    """Tile NHWC uint8 images into one HWC image, ncols per row (default: square-ish)."""
-    n, h, w, c = images_uint8.shape
-    ncols = ncols or math.ceil(math.sqrt(n))
-    nrows = math.ceil(n / ncols)
-    grid = np.zeros((nrows * h, ncols * w, c), np.uint8)
-    for k in range(n):
-        r, q = divmod(k, ncols)
-        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = images_uint8[k]
-    return grid
-
-
-def save_png(path: str | pathlib.Path, image_uint8: np.ndarray) -> None:
-    from PIL import Image
-
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    arr = image_uint8[..., 0] if image_uint8.shape[-1] == 1 else image_uint8
-    Image.fromarray(arr).save(path)
+from consistency.core import ode, samplers, schedules
+from consistency.experiment import networks
+from consistency.io import checkpoints, image_io
 
 
 def sample_sigmas(config) -> np.ndarray:
@@ -49,7 +23,7 @@ def sample_sigmas(config) -> np.ndarray:
     )
 
 
-def make_sample_fn(config, network: builders.Network):
+def make_sample_fn(config, network: networks.Network):
     """jitted fn(params, key, sample_ids, labels) -> images in [-1, 1] for one batch.
 
     Consistency models use the configured one-step/multistep sampler; EDM models (training.loss
@@ -58,7 +32,7 @@ def make_sample_fn(config, network: builders.Network):
     d, m, s = config.data, config.model, config.sampling
     shape = (d.image_size, d.image_size, d.num_channels)
     if config.training.loss == "edm":
-        denoise = builders.model_fn(network, config, "edm")
+        denoise = networks.model_fn(network, config, "edm")
         grid = schedules.karras_sigmas(
             s.teacher_steps, sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho,
             append_zero=True,
@@ -71,7 +45,7 @@ def make_sample_fn(config, network: builders.Network):
             return jnp.clip(x, -1.0, 1.0)
 
         return jax.jit(fn)
-    consistency = builders.model_fn(network, config, "consistency")
+    consistency = networks.model_fn(network, config, "consistency")
     sigmas = sample_sigmas(config)
 
     def fn(params, key, ids, labels):
@@ -107,7 +81,7 @@ def generate(config, network, params, num: int, sample_fn=None):
     for start in range(0, num, batch):
         ids = np.arange(start, start + batch)  # the last batch is padded, then cut
         y = sample_labels(config, ids)
-        images.append(to_uint8(sample_fn(params, key, ids, jnp.asarray(y))))
+        images.append(image_io.to_uint8(sample_fn(params, key, ids, jnp.asarray(y))))
         labels.append(y)
     return np.concatenate(images)[:num], np.concatenate(labels)[:num]
 
@@ -121,7 +95,7 @@ def write_samples(out_dir, images: np.ndarray, labels: np.ndarray | None) -> pat
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
-    save_png(path.with_suffix(".png"), image_grid(images[:256]))
+    image_io.save_png(path.with_suffix(".png"), image_io.image_grid(images[:256]))
     return path
 
 
@@ -131,7 +105,7 @@ def run_sample(config, workdir) -> pathlib.Path:
     step = None if s.checkpoint_step < 0 else s.checkpoint_step
     ckpt_dir = pathlib.Path(workdir) / "checkpoints"
     params, meta, step = checkpoints.load_params(ckpt_dir, ema_index=s.ema_index, step=step)
-    network = builders.build_network(config)
+    network = networks.build_network(config)
     expected = checkpoints.param_fingerprint(abstract_params(config, network))
     found = {"model": meta.get("model"), "params": meta.get("params")}
     checkpoints.check_same_model(
@@ -146,7 +120,7 @@ def run_sample(config, workdir) -> pathlib.Path:
     return out
 
 
-def abstract_params(config, network: builders.Network):
+def abstract_params(config, network: networks.Network):
     """Parameter shapes of the configured network, without allocating them."""
     d = config.data
     x = jnp.zeros((1, d.image_size, d.image_size, d.num_channels), jnp.float32)

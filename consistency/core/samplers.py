@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from consistency.schedules import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigmas_float64
+from consistency.core.schedules import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigmas_float64
 
 ConsistencyFn = Callable[[jax.Array, jax.Array], jax.Array]
 

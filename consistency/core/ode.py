@@ -5,7 +5,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from consistency.parameterization import broadcast_to
+from consistency.core.parameterization import broadcast_to
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 SOLVERS = ("heun", "euler")

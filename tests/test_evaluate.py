@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from consistency import builders, classifier, evaluate, scoring, sharding, train
+from consistency.experiment import evaluate, networks, sample, train
+from consistency.io import sharding
+from consistency.measure import digits
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -20,28 +22,30 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def cache(tmp_path_factory):
     """A cache directory holding the trained digits classifier (trained once per module)."""
     directory = tmp_path_factory.mktemp("cache")
-    classifier.load_or_train(directory)
+    digits.load_or_train(directory)
     return directory
 
 
 def test_classifier_accuracy_on_the_test_split(cache, monkeypatch):
-    monkeypatch.setattr(classifier, "train", lambda *a, **k: pytest.fail("the cache was ignored"))
-    params = classifier.load_or_train(cache)
-    assert classifier.accuracy(params, "test") > 0.95
-    other = dict(classifier.HPARAMS, steps=301)
-    assert classifier.cache_path(cache, other) != classifier.cache_path(cache)
+    monkeypatch.setattr(digits, "train", lambda *a, **k: pytest.fail("the cache was ignored"))
+    params = digits.load_or_train(cache)
+    assert digits.accuracy(params, "test") > 0.95
+    other = dict(digits.HPARAMS, steps=301)
+    assert digits.cache_path(cache, other) != digits.cache_path(cache)
 
 
 def test_digits_fid_floor_and_noise(cache, tmp_path):
     """The 'test' split scored against the 'train' reference (the floor) is close; noise is far."""
     config, mesh = test_config.get_config(), sharding.make_mesh()
-    extract = scoring.make_extractor(config, cache)
-    ref, name = scoring.reference(config, tmp_path, extract, mesh, "digits")
-    assert name == "digits:train" and ref["pool"].shape == (1437, classifier.HPARAMS["features"])
-    floor = scoring.score(scoring.split_features(config, "test", extract, mesh), ref, kind="digits")
+    extract = evaluate.make_extractor(config, cache)
+    ref, name = evaluate.reference(config, tmp_path, extract, mesh, "digits")
+    assert name == "digits:train" and ref["pool"].shape == (1437, digits.HPARAMS["features"])
+    floor = evaluate.score(
+        evaluate.split_features(config, "test", extract, mesh), ref, kind="digits"
+    )
     noise_images = np.random.default_rng(0).integers(0, 256, (360, 8, 8, 1), dtype=np.uint8)
-    noise_features = scoring.features_of(noise_images, extract, mesh, config.eval.batch_size)
-    noise = scoring.score(noise_features, ref, kind="digits")
+    noise_features = evaluate.features_of(noise_images, extract, mesh, config.eval.batch_size)
+    noise = evaluate.score(noise_features, ref, kind="digits")
     assert 0 < floor["fid"] < 25 and noise["fid"] > 10 * floor["fid"]
     assert floor["precision"] > 0.8 and noise["precision"] < 0.2
     assert floor["is"] > 8 and noise["is"] < floor["is"]
@@ -49,20 +53,20 @@ def test_digits_fid_floor_and_noise(cache, tmp_path):
 
 def test_sample_ids_do_not_depend_on_how_the_ids_are_split():
     """Generating ids [0, n) in one call equals the concatenation of its two halves (8 devices)."""
-    config = scoring.setting_config(test_config.get_config(), "0,22,39")  # re-noises once
+    config = evaluate.setting_config(test_config.get_config(), "0,22,39")  # re-noises once
     mesh = sharding.make_mesh()
-    network = builders.build_network(config)
+    network = networks.build_network(config)
     x, y = np.zeros((1, 8, 8, 1), np.float32), np.zeros((1,), np.int32)
     params = jax.device_get(jax.jit(network.init)(jax.random.key(0), x, y))
     # A fresh network's output layer is zero: perturb every weight so samples vary.
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda v: v + 0.05 * rng.standard_normal(v.shape, np.float32), params)
     params = jax.device_put(params, sharding.replicated(mesh))
-    sample_fn = evaluate.make_sample_fn(config, network)
+    sample_fn = sample.make_sample_fn(config, network)
     ids = np.arange(40)  # batches of 32: the whole is one full and one padded batch
-    whole, labels = scoring.sample_ids(config, sample_fn, params, ids, mesh)
-    first, _ = scoring.sample_ids(config, sample_fn, params, ids[:20], mesh)
-    second, _ = scoring.sample_ids(config, sample_fn, params, ids[20:], mesh)
+    whole, labels = evaluate.sample_ids(config, sample_fn, params, ids, mesh)
+    first, _ = evaluate.sample_ids(config, sample_fn, params, ids[:20], mesh)
+    second, _ = evaluate.sample_ids(config, sample_fn, params, ids[20:], mesh)
     assert whole.shape == (40, 8, 8, 1) and whole.dtype == np.uint8 and whole.std() > 10
     np.testing.assert_array_equal(whole, np.concatenate([first, second]))
 
@@ -118,13 +122,13 @@ def test_eval_resumes_from_its_shards(evaluated, monkeypatch):
     chunks = sorted((workdir / "eval" / "step_2").rglob("chunk_*.npz"))
     mtimes = [p.stat().st_mtime_ns for p in chunks]
     calls = []
-    original = scoring.sample_ids
-    monkeypatch.setattr(scoring, "sample_ids", lambda *a: calls.append(a[3]) or original(*a))
-    scoring.run_eval(config, str(workdir))
+    original = evaluate.sample_ids
+    monkeypatch.setattr(evaluate, "sample_ids", lambda *a: calls.append(a[3]) or original(*a))
+    evaluate.run_eval(config, str(workdir))
     assert calls == [] and [p.stat().st_mtime_ns for p in chunks] == mtimes
     assert _metrics(workdir)["settings"] == first
     # A lost shard is regenerated alone, with the same samples: the same numbers.
     chunks[1].unlink()
-    scoring.run_eval(config, str(workdir))
+    evaluate.run_eval(config, str(workdir))
     assert len(calls) == 1 and list(calls[0]) == list(range(32, 64))
     assert _metrics(workdir)["settings"] == first

@@ -9,9 +9,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from consistency.distances import l2
-from consistency.parameterization import SIGMA_DATA, broadcast_to, get_weighting, trigflow_time
-from consistency.schedules import (
+from consistency.core.distances import l2
+from consistency.core.parameterization import SIGMA_DATA, broadcast_to, get_weighting, trigflow_time
+from consistency.core.schedules import (
     RHO,
     SIGMA_MAX,
     SIGMA_MIN,

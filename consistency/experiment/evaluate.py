@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from consistency import builders, checkpoints, classifier, data, evaluate, metrics, sharding
-from consistency.models import inception
+from consistency.experiment import networks, sample
+from consistency.io import checkpoints, data, image_io, sharding
+from consistency.measure import digits, inception, metrics
 
 FEATURES = ("inception", "digits")
 ADM_REF_BATCHES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
@@ -44,7 +45,7 @@ def setting_config(config, setting: str):
         )
     cfg.sampling.sigmas = tuple(values) if explicit else ()
     cfg.sampling.ts = () if explicit or values == [1] else tuple(values)
-    evaluate.sample_sigmas(cfg)  # a bad index list fails here, before any sampling
+    sample.sample_sigmas(cfg)  # a bad index list fails here, before any sampling
     return cfg
 
 
@@ -60,13 +61,13 @@ def make_extractor(config, cache_dir: pathlib.Path):
     [, "spatial": sFID]}: the FID Inception or the digits classifier."""
     e = config.eval
     if feature_kind(config) == "digits":
-        fn = classifier.make_feature_fn(classifier.load_or_train(cache_dir))
+        fn = digits.make_feature_fn(digits.load_or_train(cache_dir))
 
-        def digits(images):
+        def digits_features(images):
             out = fn(images)
             return {"pool": out["features"], "logits": out["logits"]}
 
-        return digits
+        return digits_features
     if not e.inception_path:
         raise ValueError(
             "eval.features='inception' needs eval.inception_path: pytorch-fid's "
@@ -116,11 +117,11 @@ def sample_ids(config, sample_fn, params, ids: np.ndarray, mesh) -> tuple[np.nda
     for start in range(0, len(ids), batch):
         part = ids[start : start + batch]
         padded = np.concatenate([part, part[-1] + 1 + np.arange(batch - len(part))])
-        y = evaluate.sample_labels(config, padded)
+        y = sample.sample_labels(config, padded)
         local = {"ids": padded[rows].astype(np.int32), "labels": y[rows]}
         g = sharding.global_array(local, sharding.batch_sharding(mesh))
         x = sample_fn(params, key, g["ids"], g["labels"])
-        images.append(evaluate.to_uint8(_gather(x))[: len(part)])
+        images.append(image_io.to_uint8(_gather(x))[: len(part)])
         labels.append(y[: len(part)])
     return np.concatenate(images), np.concatenate(labels)
 
@@ -131,7 +132,7 @@ def _setting_dir(config, workdir, step: int, setting: str, kind: str) -> pathlib
     keyed = dict(
         setting=setting, seed=s.seed, ema=e.ema_index, features=kind,
         inception=pathlib.Path(e.inception_path).name if kind == "inception" else "",
-        classifier=classifier.HPARAMS if kind == "digits" else {}, class_label=s.class_label,
+        classifier=digits.HPARAMS if kind == "digits" else {}, class_label=s.class_label,
         clip=s.clip_denoised, grid=[m.sigma_min, m.sigma_max, m.rho, s.steps],
     )  # fmt: skip
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
@@ -148,7 +149,7 @@ def _save_npz(path: pathlib.Path, arrays: dict) -> None:
 def sample_features(config, network, params, out_dir: pathlib.Path, extract, mesh) -> dict:
     """Features (and labels) of sample ids [0, eval.num_samples), reusing finished chunks."""
     e = config.eval
-    sample_fn = evaluate.make_sample_fn(config, network)
+    sample_fn = sample.make_sample_fn(config, network)
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     # A shard is named by its id range: a partial last chunk of a smaller run is not reused.
@@ -203,7 +204,7 @@ def split_features(config, split: str, extract, mesh, *, limit: int = 0) -> dict
     for start in range(0, n, block):
         stop = min(start + block, n)
         floats = np.stack([prep.random_map(source[i], rng)["image"] for i in range(start, stop)])
-        parts.append(features_of(evaluate.to_uint8(floats), extract, mesh, e.batch_size))
+        parts.append(features_of(image_io.to_uint8(floats), extract, mesh, e.batch_size))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -227,7 +228,7 @@ def reference(config, workdir, extract, mesh, kind: str) -> tuple[dict, str]:
     '' computes them from the eval.reference_split images, cached in `cache_dir`.
     """
     e, d = config.eval, config.data
-    network_tag = classifier.HPARAMS if kind == "digits" else pathlib.Path(e.inception_path).name
+    network_tag = digits.HPARAMS if kind == "digits" else pathlib.Path(e.inception_path).name
     if e.reference:
         path = pathlib.Path(e.reference)
         if not path.is_file():
@@ -297,7 +298,7 @@ def _load_params(config, workdir, network, step: int | None):
     params, meta, step = checkpoints.load_params(
         ckpt_dir, ema_index=config.eval.ema_index, step=step
     )
-    expected = checkpoints.param_fingerprint(evaluate.abstract_params(config, network))
+    expected = checkpoints.param_fingerprint(sample.abstract_params(config, network))
     found = {"model": meta.get("model"), "params": meta.get("params")}
     checkpoints.check_same_model(
         found, {"model": config.model.name, "params": expected}, str(ckpt_dir)
@@ -340,7 +341,7 @@ def run_eval(config, workdir) -> dict[int, dict]:
     kind = feature_kind(config)
     extract = make_extractor(config, cache_dir(config, workdir))
     ref, ref_name = reference(config, workdir, extract, mesh, kind)
-    network = builders.build_network(config)
+    network = networks.build_network(config)
     writer = None
     if jax.process_index() == 0:
         from tensorboardX import SummaryWriter  # TensorBoard event files without TensorFlow

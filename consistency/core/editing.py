@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from consistency.samplers import (
+from consistency.core.samplers import (
     ConsistencyFn,
     multistep_sample,
     onestep_sample,
     per_sample_normal,
     validate_sigmas,
 )
-from consistency.schedules import SIGMA_MAX, SIGMA_MIN
+from consistency.core.schedules import SIGMA_MAX, SIGMA_MIN
 
 # ITU-R BT.601 luma weights: the grey level kept by colorization.
 LUMA = (0.2989, 0.5870, 0.1140)

@@ -7,9 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from consistency import builders, checkpoints, editing, evaluate, samplers
+from consistency.core import editing, samplers
+from consistency.experiment import networks, sample
+from consistency.io import checkpoints, image_io
 
 TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
+
+
 DEFAULT_EVALUATIONS = 4  # network evaluations of the default ts (Algorithm 4 iterations)
 
 
@@ -59,49 +63,6 @@ def edit_sigmas(config) -> np.ndarray:
     )
 
 
-def read_images(path, *, num_channels: int) -> tuple[np.ndarray, list[str], np.ndarray | None]:
-    """(uint8 NHWC images, names, labels or None) of a folder of PNGs or an ADM-format .npz."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        from PIL import Image
-
-        files = sorted(path.glob("*.png"))
-        if not files:
-            raise FileNotFoundError(f"edit.input: no .png files in {path}")
-        mode = "L" if num_channels == 1 else "RGB"
-        images = [np.asarray(Image.open(f).convert(mode)) for f in files]
-        if len({a.shape for a in images}) > 1:
-            raise ValueError(f"edit.input: the PNGs in {path} differ in size")
-        images = np.stack(images).reshape(len(files), *images[0].shape[:2], num_channels)
-        return images, [f.stem for f in files], None
-    if path.suffix == ".npz" and path.exists():
-        arrays = np.load(path)
-        images = arrays["arr_0"]
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != num_channels:
-            raise ValueError(
-                f"edit.input: {path} arr_0 must be uint8 NHWC with {num_channels} channels, got "
-                f"{images.dtype} {images.shape}"
-            )
-        labels = arrays["arr_1"] if "arr_1" in arrays.files else None
-        return images, [f"{path.stem}_{k:04d}" for k in range(len(images))], labels
-    raise FileNotFoundError(f"edit.input: {path} is neither a folder of PNGs nor an .npz file")
-
-
-def read_mask(path: str, image_size: int) -> np.ndarray:
-    """[H, W, 1] float mask, 1 = known: a PNG (white = known), or a centred square hole."""
-    if not path:
-        mask = np.ones((image_size, image_size, 1), np.float32)
-        lo, hi = image_size // 4, image_size - image_size // 4
-        mask[lo:hi, lo:hi] = 0.0
-        return mask
-    from PIL import Image
-
-    mask = np.asarray(Image.open(path).convert("L"))
-    if mask.shape != (image_size, image_size):
-        raise ValueError(f"edit.mask {path} is {mask.shape}, the images {image_size}x{image_size}")
-    return (mask >= 128).astype(np.float32)[..., None]
-
-
 def _fit(images: np.ndarray, config) -> np.ndarray:
     """Check the size; low-resolution superres inputs (size / patch_size) are upsampled."""
     size, p = config.data.image_size, config.edit.patch_size
@@ -112,11 +73,11 @@ def _fit(images: np.ndarray, config) -> np.ndarray:
     return images
 
 
-def make_edit_fn(config, network: builders.Network):
+def make_edit_fn(config, network: networks.Network):
     """jitted fn(params, images, mask, labels, ids) -> (edited, reference) for edit.task."""
     e, m = config.edit, config.model
     task, p, noise_sigma = e.task, e.patch_size, e.noise_sigma
-    cm = builders.model_fn(network, config, "consistency")
+    cm = networks.model_fn(network, config, "consistency")
     sigmas, key = edit_sigmas(config), jax.random.key(e.seed)
     levels = dict(sigma_min=m.sigma_min, sigma_max=m.sigma_max)
     opts = dict(key=key, clip_denoised=config.sampling.clip_denoised, **levels)
@@ -149,7 +110,7 @@ def _batched(fn, batch: int, *arrays):
 def _interpolate(config, network, params):
     """Pairs of latents z0, z1 (fold_in(seed, pair)) and f(T slerp(z0, z1, a)) along a."""
     e, d = config.edit, config.data
-    cm = builders.model_fn(network, config, "consistency")
+    cm = networks.model_fn(network, config, "consistency")
     ids, sigma_max = np.arange(e.num_pairs), config.model.sigma_max
     shape, key = (d.image_size, d.image_size, d.num_channels), jax.random.key(e.seed)
     alphas = jnp.linspace(0.0, 1.0, e.num_interpolations)
@@ -162,7 +123,7 @@ def _interpolate(config, network, params):
         x = editing.interpolate(f, z0, z1, alphas, sigma_max=sigma_max)  # [K, P, ...]
         return jnp.swapaxes(x, 0, 1).reshape(-1, *shape)  # pair-major
 
-    labels = evaluate.sample_labels(config, ids)
+    labels = sample.sample_labels(config, ids)
     edited = np.asarray(fn(params, jnp.asarray(labels)))
     names = [f"pair{p:03d}_{k:02d}" for p in ids for k in range(e.num_interpolations)]
     return edited, names, np.repeat(labels, e.num_interpolations)
@@ -174,7 +135,7 @@ def load_checked_params(config, workdir, network, *, ema_index: int, step: int):
     params, meta, step = checkpoints.load_params(
         ckpt_dir, ema_index=ema_index, step=None if step < 0 else step
     )
-    expected = checkpoints.param_fingerprint(evaluate.abstract_params(config, network))
+    expected = checkpoints.param_fingerprint(sample.abstract_params(config, network))
     found = {"model": meta.get("model"), "params": meta.get("params")}
     checkpoints.check_same_model(
         found, {"model": config.model.name, "params": expected}, str(ckpt_dir)
@@ -186,13 +147,13 @@ def write_edits(out_dir, stem: str, names, edited, labels, rows) -> pathlib.Path
     """name.png per image, stem.npz (arr_0 uint8 NHWC[, arr_1 labels]) and a grid of `rows`."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = evaluate.to_uint8(edited)
+    images = image_io.to_uint8(edited)
     for name, image in zip(names, images, strict=True):
-        evaluate.save_png(out_dir / f"{name}.png", image)
+        image_io.save_png(out_dir / f"{name}.png", image)
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
     np.savez(out_dir / f"{stem}.npz", **arrays)
-    grid = evaluate.image_grid(evaluate.to_uint8(np.concatenate(rows)), ncols=len(rows[0]))
-    evaluate.save_png(out_dir / "before_after.png", grid)
+    grid = image_io.image_grid(image_io.to_uint8(np.concatenate(rows)), ncols=len(rows[0]))
+    image_io.save_png(out_dir / "before_after.png", grid)
     return out_dir / "before_after.png"
 
 
@@ -200,7 +161,7 @@ def run_edit(config, workdir) -> EditResult:
     """--mode=edit: edit.input edited by edit.task with EMA params of a checkpoint of workdir."""
     validate(config)
     e, d = config.edit, config.data
-    network = builders.build_network(config)
+    network = networks.build_network(config)
     params, step = load_checked_params(
         config, workdir, network, ema_index=e.ema_index, step=e.checkpoint_step
     )
@@ -213,12 +174,12 @@ def run_edit(config, workdir) -> EditResult:
             edited.reshape(-1, k, *edited.shape[1:])))  # fmt: skip
         print(f"wrote {len(edited)} interpolations ({e.num_pairs} pairs) to {out_dir}; {grid}")
         return EditResult(None, None, edited, out_dir, names)
-    images, names, labels = read_images(e.input, num_channels=d.num_channels)
+    images, names, labels = image_io.read_images(e.input, num_channels=d.num_channels)
     images = _fit(images, config).astype(np.float32) / 127.5 - 1.0
     ids = np.arange(len(images))
     if labels is None:
-        labels = evaluate.sample_labels(config, ids)
-    mask = read_mask(e.mask, d.image_size)
+        labels = sample.sample_labels(config, ids)
+    mask = image_io.read_mask(e.mask, d.image_size)
     masks = np.broadcast_to(mask, images.shape)
     edit = make_edit_fn(config, network)
     fn = lambda x, m, y, i: edit(params, x, m, y, i)  # noqa: E731

@@ -12,8 +12,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from configs import test as test_config
-from consistency import builders, checkpoints, editor, evaluate
-from consistency.train_state import TrainState
+from consistency.experiment import edit, networks, sample
+from consistency.experiment.train_state import TrainState
+from consistency.io import checkpoints, image_io
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM = 6  # more than sampling.batch_size (4): the last batch is padded
@@ -45,7 +46,7 @@ def workdir(tmp_path_factory):
     """A digits UNet checkpoint with random weights, and digits as PNGs, an npz, a low-res npz."""
     root = tmp_path_factory.mktemp("edit")
     config = _config()
-    abstract = evaluate.abstract_params(config, builders.build_network(config))
+    abstract = sample.abstract_params(config, networks.build_network(config))
     params = _random_params(abstract)
     state = TrainState(
         step=np.int32(2), params=params, target_params=params, ema_params=(params,),
@@ -58,7 +59,7 @@ def workdir(tmp_path_factory):
     digits = np.round(load_digits().images[:NUM] * (255 / 16)).astype(np.uint8)[..., None]
     (root / "pngs").mkdir()
     for k, image in enumerate(digits):
-        evaluate.save_png(root / "pngs" / f"digit{k}.png", image)
+        image_io.save_png(root / "pngs" / f"digit{k}.png", image)
     np.savez(root / "digits.npz", arr_0=digits)
     low = digits.reshape(NUM, 4, 2, 4, 2, 1).mean((2, 4)).round().astype(np.uint8)
     np.savez(root / "low.npz", arr_0=low)
@@ -74,7 +75,7 @@ def _check_files(result, stem, names, shape):
     )
     images = np.load(result.out_dir / f"{stem}.npz")["arr_0"]
     assert images.dtype == np.uint8 and images.shape == shape
-    np.testing.assert_array_equal(images, evaluate.to_uint8(result.edited))
+    np.testing.assert_array_equal(images, image_io.to_uint8(result.edited))
     png = np.asarray(Image.open(result.out_dir / f"{names[-1]}.png"))
     np.testing.assert_array_equal(png, images[-1, ..., 0])
     assert np.isfinite(result.edited).all()
@@ -84,7 +85,7 @@ def _check_files(result, stem, names, shape):
 def test_inpaint_keeps_the_known_pixels(workdir):
     root, digits = workdir
     config = _config(task="inpaint", input=str(root / "pngs"), mask=str(root / "mask.png"))
-    result = editor.run_edit(config, root)
+    result = edit.run_edit(config, root)
     images = _check_files(result, "pngs", [f"digit{k}" for k in range(NUM)], (NUM, 8, 8, 1))
     np.testing.assert_array_equal(result.edited[:, :, :4], result.inputs[:, :, :4])
     np.testing.assert_array_equal(images[:, :, :4], digits[:, :, :4])
@@ -98,7 +99,7 @@ def test_superres_of_low_resolution_inputs_keeps_patch_means(workdir, tmp_path):
     p, source = 2, "low.npz"  # 4x4 inputs, upsampled to 8x8
     root, digits = workdir
     config = _config(task="superres", input=str(root / source), patch_size=p, out=str(tmp_path))
-    result = editor.run_edit(config, root)
+    result = edit.run_edit(config, root)
     stem = source[:-4]
     _check_files(result, stem, [f"{stem}_{k:04d}" for k in range(NUM)], (NUM, 8, 8, 1))
     means = lambda x: x.reshape(NUM, 8 // p, p, 8 // p, p, 1).mean((2, 4))  # noqa: E731
@@ -109,11 +110,11 @@ def test_superres_of_low_resolution_inputs_keeps_patch_means(workdir, tmp_path):
 def test_stroke_denoise_and_interpolate_write_images(workdir):
     root, _ = workdir
     for task in ("stroke", "denoise"):
-        result = editor.run_edit(_config(task=task, input=str(root / "digits.npz")), root)
+        result = edit.run_edit(_config(task=task, input=str(root / "digits.npz")), root)
         _check_files(result, "digits", [f"digits_{k:04d}" for k in range(NUM)], (NUM, 8, 8, 1))
     assert result.reference.std() > 0.4  # the 'before' row of denoise is the noisy input
     config = _config(task="interpolate", num_pairs=2, num_interpolations=3)
-    result = editor.run_edit(config, root)
+    result = edit.run_edit(config, root)
     names = [f"pair{p:03d}_{k:02d}" for p in range(2) for k in range(3)]
     _check_files(result, "interpolations", names, (6, 8, 8, 1))
     assert np.asarray(Image.open(result.out_dir / "before_after.png")).shape == (16, 24)
@@ -122,13 +123,13 @@ def test_stroke_denoise_and_interpolate_write_images(workdir):
 def test_colorize_of_one_channel_data_and_bad_inputs_are_refused(workdir):
     root, _ = workdir
     with pytest.raises(ValueError, match="'colorize' needs RGB images, but data.num_channels=1"):
-        editor.run_edit(_config(task="colorize", input=str(root / "digits.npz")), root)
+        edit.run_edit(_config(task="colorize", input=str(root / "digits.npz")), root)
     with pytest.raises(ValueError, match="unknown edit.task: 'deblur'"):
-        editor.run_edit(_config(task="deblur", input=str(root / "digits.npz")), root)
+        edit.run_edit(_config(task="deblur", input=str(root / "digits.npz")), root)
     with pytest.raises(ValueError, match="patch_size=3 must divide"):
-        editor.run_edit(_config(task="superres", input=str(root / "pngs"), patch_size=3), root)
+        edit.run_edit(_config(task="superres", input=str(root / "pngs"), patch_size=3), root)
     with pytest.raises(FileNotFoundError, match="neither a folder of PNGs nor an .npz"):
-        editor.run_edit(_config(input=str(root / "missing.npz")), root)
+        edit.run_edit(_config(input=str(root / "missing.npz")), root)
 
 
 def test_command_line_edit_mode(workdir, tmp_path):

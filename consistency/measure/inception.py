@@ -272,6 +272,6 @@ def inception_variables_from_torch(state_dict: Mapping[str, np.ndarray]) -> dict
 
 def load_inception_variables(path: str) -> dict:
     """FIDInceptionV3 variables from pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`."""
-    from consistency.convert.torch_pt import load_torch_state_dict  # torch-free reader
+    from consistency.io.torch_pt import load_torch_state_dict
 
     return inception_variables_from_torch(load_torch_state_dict(path))

@@ -1,0 +1,76 @@
+"""Image files: [-1, 1] <-> uint8, PNG grids, and reading image folders, npz files and masks."""
+
+import math
+import pathlib
+
+import numpy as np
+
+
+def to_uint8(images) -> np.ndarray:
+    """[-1, 1] float -> uint8 [0, 255], rounding as the references' (x + 1) * 127.5."""
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
+        np.uint8
+    )
+
+
+def image_grid(images_uint8: np.ndarray, ncols: int | None = None) -> np.ndarray:
+    """Tile NHWC uint8 images into one HWC image, ncols per row (default: square-ish)."""
+    n, h, w, c = images_uint8.shape
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    grid = np.zeros((nrows * h, ncols * w, c), np.uint8)
+    for k in range(n):
+        r, q = divmod(k, ncols)
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = images_uint8[k]
+    return grid
+
+
+def save_png(path: str | pathlib.Path, image_uint8: np.ndarray) -> None:
+    from PIL import Image
+
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    arr = image_uint8[..., 0] if image_uint8.shape[-1] == 1 else image_uint8
+    Image.fromarray(arr).save(path)
+
+
+def read_images(path, *, num_channels: int) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    """(uint8 NHWC images, names, labels or None) of a folder of PNGs or an ADM-format .npz."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        from PIL import Image
+
+        files = sorted(path.glob("*.png"))
+        if not files:
+            raise FileNotFoundError(f"edit.input: no .png files in {path}")
+        mode = "L" if num_channels == 1 else "RGB"
+        images = [np.asarray(Image.open(f).convert(mode)) for f in files]
+        if len({a.shape for a in images}) > 1:
+            raise ValueError(f"edit.input: the PNGs in {path} differ in size")
+        images = np.stack(images).reshape(len(files), *images[0].shape[:2], num_channels)
+        return images, [f.stem for f in files], None
+    if path.suffix == ".npz" and path.exists():
+        arrays = np.load(path)
+        images = arrays["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != num_channels:
+            raise ValueError(
+                f"edit.input: {path} arr_0 must be uint8 NHWC with {num_channels} channels, got "
+                f"{images.dtype} {images.shape}"
+            )
+        labels = arrays["arr_1"] if "arr_1" in arrays.files else None
+        return images, [f"{path.stem}_{k:04d}" for k in range(len(images))], labels
+    raise FileNotFoundError(f"edit.input: {path} is neither a folder of PNGs nor an .npz file")
+
+
+def read_mask(path: str, image_size: int) -> np.ndarray:
+    """[H, W, 1] float mask, 1 = known: a PNG (white = known), or a centred square hole."""
+    if not path:
+        mask = np.ones((image_size, image_size, 1), np.float32)
+        lo, hi = image_size // 4, image_size - image_size // 4
+        mask[lo:hi, lo:hi] = 0.0
+        return mask
+    from PIL import Image
+
+    mask = np.asarray(Image.open(path).convert("L"))
+    if mask.shape != (image_size, image_size):
+        raise ValueError(f"edit.mask {path} is {mask.shape}, the images {image_size}x{image_size}")
+    return (mask >= 128).astype(np.float32)[..., None]
