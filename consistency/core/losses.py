@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from consistency.core.distances import l2
+from consistency.core.ode import euler_step
 from consistency.core.parameterization import SIGMA_DATA, broadcast_to, get_weighting, trigflow_time
 from consistency.core.schedules import (
     RHO,
@@ -17,6 +18,7 @@ from consistency.core.schedules import (
     SIGMA_MIN,
     ect_r,
     karras_sigma,
+    progdist_sigmas,
     sample_lognormal_sigma,
     sample_rho_uniform_sigma,
     sample_train_indices,
@@ -337,3 +339,44 @@ def scm_loss(
     losses = jnp.exp(w) / dim * mse - w
     metrics = {"sigma": sigma, "logvar": w, "tangent_norm": g_norm / jnp.sqrt(dim)}
     return _check_per_example(losses, batch), metrics
+
+
+def progressive_distillation_loss(
+    denoise_fn: ModelFn,
+    params,
+    teacher_denoise: Callable[[jax.Array, jax.Array], jax.Array],
+    x0: jax.Array,
+    key: jax.Array,
+    *,
+    num_scales: jax.Array | int,
+    distance: Distance,
+    weighting: Weighting,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
+) -> tuple[jax.Array, Metrics]:
+    """PD: lambda(t) d(D_theta(x_t, t), sg(x_t - t (x_t3 - x_t)/(t3 - t))), x_t3: 2 teacher steps.
+
+    i ~ U{0, ..., N-1} with N = `num_scales` the student's current number of steps (may be
+    traced); t, t2, t3 = progdist_sigmas(i, N) (positions i/N, (i+1/2)/N, (i+1)/N of the Karras
+    ramp); x_t = x0 + t z. The frozen teacher `teacher_denoise(x, sigma)` (no dropout) takes two
+    Euler (DDIM) steps of the PF-ODE, x_t -> x_t2 -> x_t3; the target is the denoiser whose single
+    Euler step from (x_t, t) lands on x_t3, and no gradient flows through it. The student D_theta
+    is the EDM denoiser `denoise_fn(params, x, sigma, dropout_key)`. jcm uses the 'truncated-snr'
+    weighting max(1/t^2, 1) and the per-pixel-mean l2 distance by default.
+    """
+    k_idx, k_z, k_drop = jax.random.split(key, 3)
+    batch = x0.shape[0]
+    index = jax.random.randint(k_idx, (batch,), 0, jnp.asarray(num_scales, jnp.int32))
+    t, t2, t3 = progdist_sigmas(
+        index, num_scales, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho
+    )
+    z = jax.random.normal(k_z, x0.shape, jnp.float32)
+    x_t = x0 + broadcast_to(t, x0) * z
+    x_t2 = euler_step(teacher_denoise, x_t, t, t2)
+    x_t3 = euler_step(teacher_denoise, x_t2, t2, t3)
+    target = x_t - broadcast_to(t / (t3 - t), x_t) * (x_t3 - x_t)
+    target = jax.lax.stop_gradient(target)
+    denoised = denoise_fn(params, x_t, t, k_drop)
+    losses = weighting(t) * distance(denoised, target)
+    return _check_per_example(losses, batch), {"sigma": t, "index": index}

@@ -1,5 +1,6 @@
 """Noise grids and curricula: the Karras sigma grid, N(k) and mu(k), training noise levels."""
 
+import dataclasses
 import math
 
 import jax
@@ -58,6 +59,27 @@ def karras_sigmas_float64(
     ramp = np.asarray(indices, np.float64) / (num_scales - 1)
     max_inv_rho, min_inv_rho = sigma_max ** (1.0 / rho), sigma_min ** (1.0 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def progdist_sigmas(
+    index: jax.Array,
+    num_scales: jax.Array | int,
+    *,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sigma(i/N), sigma((i+1/2)/N), sigma((i+1)/N)): a student step and its two teacher steps.
+
+    sigma(u) = (sigma_max^(1/rho) + u (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho is the Karras
+    ramp at a fractional position u in [0, 1] (karras_sigma with N = 2 takes u itself, as
+    sample_rho_uniform_sigma does). Unlike the CD/CT grid (i/(N-1)), the student's N steps span
+    the ends: i = 0 starts at sigma_max and i = N-1 ends at sigma_min; N = 1 is allowed.
+    """
+    grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    i = jnp.asarray(index, jnp.float32)
+    n = jnp.asarray(num_scales, jnp.float32)
+    return tuple(karras_sigma((i + offset) / n, 2, **grid) for offset in (0.0, 0.5, 1.0))
 
 
 def adaptive_num_scales(
@@ -255,3 +277,42 @@ def tangent_warmup(step: jax.Array, warmup_steps: int) -> jax.Array:
     if warmup_steps <= 0:
         return jnp.float32(1.0)
     return jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseGrid:
+    """The noise levels' range and Karras exponent: sigma in [sigma_min, sigma_max], rho."""
+
+    sigma_min: float = SIGMA_MIN
+    sigma_max: float = SIGMA_MAX
+    rho: float = RHO
+
+    def kwargs(self) -> dict[str, float]:
+        """sigma_min=, sigma_max=, rho= for the functions that take them."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+    """A CD/CT curriculum: step k -> (mu(k), N(k)) (ema_and_scales), checked when built."""
+
+    target_ema_mode: str = "fixed"
+    scale_mode: str = "fixed"
+    start_ema: float = 0.95
+    start_scales: int = 40
+    end_scales: int = 40
+    total_steps: int = 1
+    distill_steps_per_iter: int = 50000
+
+    def __post_init__(self):
+        validate_schedule(self.target_ema_mode, self.scale_mode, self.start_scales, self.end_scales)
+
+    def __call__(self, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return ema_and_scales(step, **dataclasses.asdict(self))
+
+    @property
+    def max_scales(self) -> int:
+        """The largest N(k) of the run (the grid iCT's index distribution is built on)."""
+        return max_num_scales(
+            self.scale_mode, start_scales=self.start_scales, end_scales=self.end_scales
+        )
