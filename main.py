@@ -1,19 +1,22 @@
 """Command line: python main.py --config=configs/NAME.py --workdir=DIR [--mode=MODE]."""
 
+import importlib
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from consistency.experiment import edit, evaluate, sample, spec, train
+from consistency.experiment import spec
 from consistency.io import sharding
 
-MODES = ("train", "sample", "edit", "eval")
+# --mode -> the module of consistency.experiment that runs it (its run(config, workdir)).
+MODES = {"train": "train", "sample": "sample", "edit": "edit", "eval": "evaluate"}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum(
-    "mode", "train", MODES,
+    "mode", "train", list(MODES),
     "train: train (resuming); sample: write samples; edit: --config.edit.* zero-shot edits; "
     "eval: FID etc. of --config.eval.* checkpoints and settings (resumable).",
 )  # fmt: skip
@@ -37,19 +40,13 @@ def main(argv):
         FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
     )  # fmt: skip
-    if FLAGS.mode == "train":  # a bad config: one line per key, not a traceback
-        try:
-            spec.validate_config(FLAGS.config, num_devices=jax.device_count())
-        except spec.ConfigError as e:
-            raise app.UsageError(str(e)) from None
-    if FLAGS.mode == "train":
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "edit":
-        edit.run_edit(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "eval":
-        evaluate.run_eval(FLAGS.config, FLAGS.workdir)
-    else:
-        sample.run_sample(FLAGS.config, FLAGS.workdir)
+    try:  # a bad config: one line per key, not a traceback, before anything runs
+        spec.validate(FLAGS.config, mode=FLAGS.mode, num_devices=jax.device_count())
+        spec.check_paths(FLAGS.config, mode=FLAGS.mode)
+    except spec.ConfigError as e:
+        raise app.UsageError(str(e)) from None
+    module = importlib.import_module(f"consistency.experiment.{MODES[FLAGS.mode]}")
+    module.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ device, and memory (XLA's memory analysis; the allocator's peak where the device
 as a table and then one JSON line. CD configs get a randomly initialised teacher.
 """
 
-import functools
 import json
 import pathlib
 import sys
@@ -21,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not installed
-from consistency.experiment import methods, networks, train_state, update
+from consistency.experiment import networks, train_state, update
 from consistency.io import sharding
 
 FLAGS = flags.FLAGS
@@ -77,8 +76,7 @@ def measure(config, steps: int, peak_tflops: float) -> dict:
     if t.loss in TEACHER_LOSSES:
         teacher = jax.device_put(state.params, sharding.tree_sharding(mesh, state.params))
     distance = jax.device_put(networks.distance_fn(config), sharding.replicated(mesh))
-    make_loss = functools.partial(methods.loss_fn, config, network)
-    step = update.make_train_step(config, network, tx, make_loss, mesh, state_shardings=shardings)
+    step = update.train_step_for(config, network, tx, mesh, state_shardings=shardings)
     batch, key = _batch(config, mesh), jax.random.key(0)
 
     start = time.perf_counter()

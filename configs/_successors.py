@@ -8,6 +8,7 @@ import math
 
 SCM_MID_T = 1.1  # sCM App. G: 2-step sampling at t = 1.1 ...
 SCM_MID_SIGMA = 0.5 * math.tan(SCM_MID_T)  # ... = EDM sigma sd tan t = 0.98238 (sd = 0.5)
+CONTINUOUS_VARIANTS = ("cd-l2", "cd-l2-stopgrad", "ct-l2")
 ICT_MID_SIGMA = {"cifar10": 0.821, "imagenet64": 1.526}  # iCT/ECT 2-step sigma (ECT --mid_t)
 
 
@@ -62,9 +63,10 @@ def trigflow(config):
 
 def continuous(config, variant: str):
     """The CM paper's continuous-time CD/CT as jcm (cifar10_ve_continuous.py, launch.sh)."""
-    variants = ("cd-l2", "cd-l2-stopgrad", "ct-l2")
-    if variant not in variants:
-        raise ValueError(f"unknown continuous-time variant: {variant!r}; choose one of {variants}")
+    if variant not in CONTINUOUS_VARIANTS:
+        raise ValueError(
+            f"unknown continuous-time variant: {variant!r}; choose one of {CONTINUOUS_VARIANTS}"
+        )
     ct = variant.startswith("ct")
     config.training.update(
         loss="ct_continuous" if ct else "cd_continuous",

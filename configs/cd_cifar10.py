@@ -8,6 +8,9 @@ from configs import _paper
 LR = {"l1": 2e-4, "l2": 4e-4, "lpips": 4e-4}  # launch.sh lines 17, 20, 23
 
 
+VARIANTS = ("l1", "l2", "lpips")  # --config=FILE:ARG
+
+
 def get_config(metric: str = "lpips"):
     config = _paper.cifar10(_paper.new())
     # jcm CD has no target network (mu = 0: the target is stop_gradient of the online params).

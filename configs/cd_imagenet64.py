@@ -5,6 +5,8 @@
 
 from configs import _paper
 
+VARIANTS = ("l1", "l2", "lpips")  # --config=FILE:ARG
+
 
 def get_config(metric: str = "lpips"):
     config = _paper.imagenet64(_paper.new())

@@ -5,6 +5,9 @@ from configs import _paper
 TS = {"lpips": (0, 17, 39), "l2": (0, 18, 39)}  # launch.sh two-step settings
 
 
+VARIANTS = ("l1", "l2", "lpips")  # --config=FILE:ARG
+
+
 def get_config(metric: str = "lpips"):
     config = _paper.lsun256(_paper.new())
     _paper.cd(config, metric, num_scales=40, target_ema=0.95, lr=1e-5, steps=600000)

@@ -5,6 +5,8 @@ The references give no two-step setting for Cat CD: sampling defaults to one ste
 
 from configs import _paper
 
+VARIANTS = ("l1", "l2", "lpips")  # --config=FILE:ARG
+
 
 def get_config(metric: str = "lpips"):
     config = _paper.lsun256(_paper.new(), name="image_folder")

@@ -7,6 +7,8 @@ NCSN++ with Fourier scale 16, dropout 0.3, RAdam, batch 512, 800k steps.
 
 from configs import _paper, _successors
 
+VARIANTS = _successors.CONTINUOUS_VARIANTS  # --config=FILE:ARG
+
 
 def get_config(variant: str = "cd-l2"):
     config = _paper.cifar10(_paper.new())

@@ -5,6 +5,8 @@
 
 from configs import _digits, _successors
 
+VARIANTS = _successors.CONTINUOUS_VARIANTS  # --config=FILE:ARG
+
 
 def get_config(variant: str = "cd-l2"):
     config = _digits.digits()

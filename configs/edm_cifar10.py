@@ -11,6 +11,8 @@ def get_config():
     # EMA half-life of 0.5M images at batch 512, as jcm's EDM config.
     config.training.ema_rates = (math.exp(math.log(0.5) / (0.5e6 / 512)),)
     config.model.dropout = 0.13
+    config.sampling.teacher_steps = 18  # Heun, NFE 35 (EDM)
+    config.eval.settings = ("18",)
     config.optim.update(optimizer="adam", lr=1e-3, warmup_steps=19531)  # 1e7 images / 512
     config.sampling.teacher_steps = 18  # Heun, 35 network evaluations
     config.eval.settings = ("18",)

@@ -12,6 +12,9 @@ from configs import _paper, _successors
 HALF_LIFE_EMA = math.exp(math.log(0.5) / (0.5e6 / 512))  # EMA half-life 0.5 Mimg at bs 512
 
 
+VARIANTS = ("sct", "scd", "teacher")  # --config=FILE:ARG
+
+
 def get_config(kind: str = "sct"):
     config = _paper.cifar10(_paper.new())
     config.training.ema_rates = (HALF_LIFE_EMA,)
@@ -21,6 +24,7 @@ def get_config(kind: str = "sct"):
         config.model.dropout = 0.13
         config.optim.update(optimizer="adam", lr=1e-3, beta2=0.999, eps=1e-8)
         config.sampling.teacher_steps = 18  # Heun, NFE 35
+        config.eval.settings = ("18",)
         return config
     # Iterations are not stated for CIFAR-10; 400k as ImageNet-64 ([R]).
     _successors.scm(config, kind, p_mean=-1.0, p_std=1.4, steps=400000)

@@ -7,6 +7,8 @@ The paper's EDM2 network, inverse-sqrt lr decay and post-hoc EMA are not reprodu
 
 from configs import _paper, _successors
 
+VARIANTS = ("sct", "scd")  # --config=FILE:ARG
+
 
 def get_config(kind: str = "sct"):
     config = _paper.imagenet64(_paper.new())

@@ -1,14 +1,12 @@
 """LPIPS as training distance: weights from the configured files, a jit argument, grey -> RGB."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import test as test_config
-from consistency.experiment import methods, networks, train, train_state, update
+from consistency.experiment import networks, train, train_state, update
 from consistency.io import data, sharding, torch_pt
 from consistency.measure import lpips as lp
 from consistency.measure.vgg import VGG16_CONVS, VGG16_TAP_CHANNELS
@@ -86,7 +84,9 @@ def test_missing_lpips_weights_name_the_keys(lpips_config, tmp_path):
     with pytest.raises(ValueError, match="needs training.lpips_lin"):
         networks.distance_fn(config)
     config.training.lpips_vgg = ""
-    with pytest.raises(ValueError, match="needs training.lpips_vgg and training.lpips_lin"):
+    with pytest.raises(
+        ValueError, match=r"lpips_vgg: give the torchvision VGG16[^\n]*\n.*lpips_lin"
+    ):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     config.training.update(lpips_vgg="/no/such/vgg.pth", lpips_lin="/no/such/lin.pth")
     with pytest.raises(FileNotFoundError, match="training.lpips_vgg: no such file"):
@@ -101,8 +101,7 @@ def test_ct_step_with_lpips_on_digits(lpips_config):
     network, tx = networks.build_network(config), train_state.optimizer(config)
     mesh = sharding.make_mesh()
     state = update.init_state(config, network, tx, mesh)
-    make_loss = functools.partial(methods.loss_fn, config, network)
-    step = update.make_train_step(config, network, tx, make_loss, mesh)
+    step = update.train_step_for(config, network, tx, mesh)
     source = data.DigitsSource("train")
     batch = next(data.make_batches(source, seed=0, local_batch=16, image_size=8, num_channels=1,
                                    random_flip=False, num_threads=1))  # fmt: skip

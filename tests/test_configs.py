@@ -1,7 +1,7 @@
 """Every config builds and overrides only base keys; paper configs run one step on mock data."""
 
-import functools
 import importlib
+import inspect
 import pathlib
 
 import jax
@@ -28,7 +28,14 @@ ORIGINAL = [n for n in PAPER if n not in SUCCESSORS]
 SUCCESSOR_VARIANTS = [(n, None) for n in SUCCESSORS] + [
     ("scm_cifar10", "teacher"), ("continuous_cifar10", "ct-l2"),
 ]  # fmt: skip
-TEACHER_LOSSES = ("cd", "cd_continuous", "scd")
+
+
+def _variants(name):
+    """The arguments a config file takes (its VARIANTS), or (None,) for none."""
+    return getattr(importlib.import_module(f"configs.{name}"), "VARIANTS", (None,))
+
+
+ALL = [(n, a) for n in NAMES for a in _variants(n)]
 
 
 def _flat(config, prefix=""):
@@ -47,22 +54,46 @@ def _load(name, arg=None):
 
 
 def _needs_teacher(config) -> bool:
-    return config.training.loss in TEACHER_LOSSES or config.training.init_from_teacher
+    return methods.row(config.training.loss).needs_teacher or config.training.init_from_teacher
 
 
-def test_every_config_file_is_covered():
-    assert {"test", "edm_digits", "cd_digits", "ct_digits"} <= set(NAMES)
-    assert len(ORIGINAL) == 9 and len(SUCCESSORS) == 7 and len(PAPER) == 16
-    assert {"ict_digits", "ect_digits", "scm_digits", "continuous_digits"} <= set(NAMES)
+def test_every_argument_of_a_config_is_listed_in_its_variants():
+    for name in NAMES:
+        module = importlib.import_module(f"configs.{name}")
+        params = inspect.signature(module.get_config).parameters
+        if not params:
+            assert not hasattr(module, "VARIANTS"), name
+            continue
+        (param,) = params.values()
+        assert param.default in module.VARIANTS, name
+        with pytest.raises(ValueError):  # an argument outside VARIANTS is refused
+            module.get_config("no-such-variant")
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_config_builds_and_only_overrides_base_keys(name):
-    config, defaults = _flat(_load(name)), _flat(base.get_config())
+def _same_type(value, default) -> bool:
+    """The value has the default's type; an int may stand for a float (not the reverse)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    return type(value) is type(default) or (type(default) is float and type(value) is int)
+
+
+def test_the_type_check_refuses_a_float_for_an_int_and_a_number_for_a_string():
+    assert _same_type(2, 2.0) and _same_type((1,), ())
+    assert not _same_type(2.0, 2) and not _same_type(1, "l2") and not _same_type(1, True)
+
+
+@pytest.mark.parametrize("name, arg", ALL)
+def test_config_overrides_only_base_keys_and_validates_in_every_mode(name, arg):
+    config, defaults = _flat(_load(name, arg)), _flat(base.get_config())
     assert set(config) == set(defaults), set(config) ^ set(defaults)
-    for key, value in config.items():
-        assert type(value) is type(defaults[key]) or isinstance(value, (int, float)), key
-    spec.validate_config(_load(name)) if not _needs_teacher(_load(name)) else None
+    bad = [k for k, v in config.items() if not _same_type(v, defaults[k])]
+    assert not bad, bad
+    config = _load(name, arg)
+    modes = ["train", "sample", "eval"]
+    if methods.row(config.training.loss).samples_as == "consistency":
+        modes.append("edit")
+    for mode in modes:  # the inputs (teachers, weights, images) are set on the command line
+        spec.validate(config, mode=mode, num_devices=1)
 
 
 @pytest.mark.parametrize("metric", ["l1", "l2", "lpips"])
@@ -149,8 +180,7 @@ def test_successor_config_traces_one_step_and_sampler(name, arg):
     mesh = sharding.make_mesh()
     state = update.abstract_state(config, network, tx, mesh)
     teacher = state.params if _needs_teacher(config) else None
-    make_loss = functools.partial(methods.loss_fn, config, network)
-    step = update.make_train_step(config, network, tx, make_loss, mesh)
+    step = update.train_step_for(config, network, tx, mesh)
     batch = {
         "image": jax.ShapeDtypeStruct((1, 8, 8, 8, 1), jnp.float32),
         "label": jax.ShapeDtypeStruct((1, 8), jnp.int32),

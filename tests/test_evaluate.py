@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from consistency.experiment import evaluate, networks, sample, train
+from consistency.experiment import evaluate, networks, sample, spec, train
 from consistency.io import sharding
 from consistency.measure import digits
 
@@ -53,7 +53,8 @@ def test_digits_fid_floor_and_noise(cache, tmp_path):
 
 def test_sample_ids_do_not_depend_on_how_the_ids_are_split():
     """Generating ids [0, n) in one call equals the concatenation of its two halves (8 devices)."""
-    config = evaluate.setting_config(test_config.get_config(), "0,22,39")  # re-noises once
+    config = test_config.get_config()
+    sampler = spec.sampler(config, "0,22,39")  # re-noises once
     mesh = sharding.make_mesh()
     network = networks.build_network(config)
     x, y = np.zeros((1, 8, 8, 1), np.float32), np.zeros((1,), np.int32)
@@ -62,7 +63,7 @@ def test_sample_ids_do_not_depend_on_how_the_ids_are_split():
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda v: v + 0.05 * rng.standard_normal(v.shape, np.float32), params)
     params = jax.device_put(params, sharding.replicated(mesh))
-    sample_fn = sample.make_sample_fn(config, network)
+    sample_fn = sample.make_sample_fn(config, network, sampler)
     ids = np.arange(40)  # batches of 32: the whole is one full and one padded batch
     whole, labels = evaluate.sample_ids(config, sample_fn, params, ids, mesh)
     first, _ = evaluate.sample_ids(config, sample_fn, params, ids[:20], mesh)

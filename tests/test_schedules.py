@@ -127,8 +127,8 @@ def test_schedule_compiles_once_across_steps():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(target_ema_mode="ema"), "unknown target_ema_mode"),
-        (dict(scale_mode="linear"), "unknown scale_mode"),
+        (dict(target_ema_mode="ema"), "target_ema_mode: unknown"),
+        (dict(scale_mode="linear"), "scale_mode: unknown"),
         (dict(target_ema_mode="adaptive", scale_mode="fixed"), "needs scale_mode='progressive'"),
         (dict(start_scales=1, end_scales=1), "must be >= 2"),
         (dict(start_scales=10, end_scales=5), "end_scales"),

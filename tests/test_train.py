@@ -1,6 +1,5 @@
 """The trainer: resume equals an uninterrupted run, checkpoints, samples, and clear errors."""
 
-import functools
 import os
 import pathlib
 import shutil
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from consistency.experiment import methods, networks, spec, train, train_state, update
+from consistency.experiment import networks, spec, train, train_state, update
 from consistency.io import checkpoints, data, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -73,8 +72,8 @@ def test_checkpoint_of_another_model_is_refused(uninterrupted):
 @pytest.mark.parametrize(
     "section, key, value, match",
     [
-        ("data", "name", "mnist", "data.name: unknown 'mnist'"),
-        ("model", "name", "dit", "model.name: unknown 'dit'"),
+        ("data", "name", "mnist", "data.name='mnist': must be one of"),
+        ("model", "name", "dit", "model.name='dit': must be one of"),
         ("training", "loss", "gan", "training.loss: unknown 'gan'"),
         ("training", "teacher_checkpoint", "/no/such/dir", "no such path '/no/such/dir'"),
         ("training", "log_every", 3, "multiple of training.n_jitted_steps"),
@@ -95,7 +94,7 @@ def test_batch_not_divisible_by_devices(tmp_path):
 
 
 def test_cd_without_teacher_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="CD needs the EDM teacher"):
+    with pytest.raises(ValueError, match="training.teacher_checkpoint: give the teacher's"):
         train.train_and_evaluate(_config(loss="cd"), str(tmp_path))
 
 
@@ -140,8 +139,7 @@ def _one_step(config, devices):
     network, tx = networks.build_network(config), train_state.optimizer(config)
     state = update.init_state(config, network, tx, mesh)
     initial = jax.device_get(state.params)  # the step donates the state
-    make_loss = functools.partial(methods.loss_fn, config, network)
-    step = update.make_train_step(config, network, tx, make_loss, mesh)
+    step = update.train_step_for(config, network, tx, mesh)
     batch = sharding.global_array(_digits_batch(), sharding.stacked_batch_sharding(mesh))
     distance = jax.device_put(networks.distance_fn(config), sharding.replicated(mesh))
     state, metrics = step(
@@ -179,8 +177,7 @@ def test_bfloat16_compute_keeps_params_ema_and_optimiser_state_in_float32():
     network, tx = networks.build_network(config), train_state.optimizer(config)
     mesh = sharding.make_mesh(1, jax.devices()[:1])
     state = update.abstract_state(config, network, tx, mesh)
-    make_loss = functools.partial(methods.loss_fn, config, network)
-    step = update.make_train_step(config, network, tx, make_loss, mesh)
+    step = update.train_step_for(config, network, tx, mesh)
     batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), _digits_batch())
     after, metrics = jax.eval_shape(
         step, state, batch, None, networks.distance_fn(config), jax.random.key(0)

@@ -130,7 +130,7 @@ def keep_params(config, workdir):
     np.savez(f"{workdir}/params_{jax.process_index()}.npz", *local)
     return state
 
-train.train_and_evaluate = keep_params
+train.run = keep_params  # main.py calls the mode module's run
 flags.FLAGS(sys.argv)
 main.main([sys.argv[0]])
 """

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from consistency.experiment import methods, networks, train_state, update
+from consistency.experiment import networks, train_state, update
 
 STEP = 5  # N(5) = 7 grid points: a curriculum step past the first
 
@@ -17,7 +17,7 @@ def _grad_fn(micro_batches=1, scan=False, remat="none"):
     config.model.unet.update(channels=4, channel_mult=(1,), attn_resolutions=())
     config.model.remat = remat
     network = networks.build_network(config)
-    loss = methods.loss_fn(config, network, networks.distance_fn(config))
+    loss = update.loss_for(config, network, networks.distance_fn(config))
     return network, jax.jit(update.make_grad_fn(loss, micro_batches, scan=scan))
 
 

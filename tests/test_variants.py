@@ -9,7 +9,6 @@ error of f must drop too. Teachers are random networks: distillation must still 
 """
 
 import dataclasses
-import functools
 import importlib
 
 import flax.linen as nn
@@ -20,7 +19,7 @@ import pytest
 
 from consistency.core import losses
 from consistency.core.parameterization import get_weighting
-from consistency.experiment import methods, networks, spec, train_state, update
+from consistency.experiment import networks, spec, train_state, update
 from consistency.io import data, sharding
 from consistency.models.unet import sinusoidal_embedding
 
@@ -85,8 +84,7 @@ def test_variant_learns_on_digits(name, digits):
     teacher = None
     if config.training.loss in ("cd_continuous", "scd"):
         teacher = network.init(jax.random.key(7), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), int))
-    make_loss = functools.partial(methods.loss_fn, config, network)
-    step = update.make_train_step(config, network, tx, make_loss, mesh)
+    step = update.train_step_for(config, network, tx, mesh)
     distance = networks.distance_fn(config)
     consistency = networks.model_fn(network, config, "consistency")
     noise = jax.random.normal(jax.random.key(3), digits.shape)
@@ -128,7 +126,10 @@ def test_scm_needs_trigflow_and_the_learned_weighting():
     config.training.init_from_teacher = False
     spec.validate_config(config)
     config.model.logvar_features = 0
-    with pytest.raises(ValueError, match="model.parameterization='trigflow' and model.logvar"):
+    with pytest.raises(ValueError, match="model.logvar_features: training.loss='sct' needs > 0"):
+        spec.validate_config(config)
+    config.model.update(logvar_features=128, parameterization="edm")
+    with pytest.raises(ValueError, match="model.parameterization='edm': training.loss='sct' takes"):
         spec.validate_config(config)
 
 
@@ -145,7 +146,7 @@ def test_ect_trains_the_configured_scalings(scalings, digits):
     params = network.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), int))
     params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), params)  # non-zero output
     batch = {"image": jnp.asarray(digits[:BATCH]), "label": jnp.zeros((BATCH,), int)}
-    loss = methods.loss_fn(config, network, networks.distance_fn(config))
+    loss = update.loss_for(config, network, networks.distance_fn(config))
     got, _ = loss(params, None, None, batch, jax.random.key(1), 300)
     kind = "edm" if scalings == "edm" else "consistency"
     fn = networks.model_fn(network, config, kind)

@@ -1,5 +1,6 @@
 """Samplers on a consistency_fn(x, sigma): one-step and multistep (Algorithm 1)."""
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
@@ -9,6 +10,26 @@ import numpy as np
 from consistency.core.schedules import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigmas_float64
 
 ConsistencyFn = Callable[[jax.Array, jax.Array], jax.Array]
+SAMPLER_KINDS = ("consistency", "heun", "progressive")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """How images are drawn: one spec for sampling, each evaluation setting, and editing.
+
+    consistency: Algorithm 1 at `sigmas` (one step: (sigma_max,)); heun: an EDM model by Heun on
+    a `steps`-point Karras grid (2 steps - 1 evaluations); progressive: a PD student's `steps`
+    Euler steps on its ramp, then its denoiser at sigma_min (steps + 1 evaluations).
+    """
+
+    kind: str = "consistency"
+    sigmas: tuple[float, ...] = (SIGMA_MAX,)
+    steps: int = 0
+    clip_denoised: bool = True
+
+    def __post_init__(self):
+        if self.kind not in SAMPLER_KINDS:
+            raise ValueError(f"unknown sampler kind {self.kind!r}; choose one of {SAMPLER_KINDS}")
 
 
 def index_sigmas(

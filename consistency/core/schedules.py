@@ -170,20 +170,20 @@ def validate_schedule(target_ema_mode: str, scale_mode: str, start_scales: int, 
     """Raise a ValueError naming the bad schedule field and its valid choices."""
     if target_ema_mode not in TARGET_EMA_MODES:
         raise ValueError(
-            f"unknown target_ema_mode: {target_ema_mode!r}; choose one of {TARGET_EMA_MODES}"
+            f"target_ema_mode: unknown {target_ema_mode!r}; choose one of {TARGET_EMA_MODES}"
         )
     if scale_mode not in SCALE_MODES:
-        raise ValueError(f"unknown scale_mode: {scale_mode!r}; choose one of {SCALE_MODES}")
+        raise ValueError(f"scale_mode: unknown {scale_mode!r}; choose one of {SCALE_MODES}")
     if target_ema_mode == "adaptive" and scale_mode != "progressive":
         raise ValueError("target_ema_mode='adaptive' needs scale_mode='progressive'")
     if scale_mode == "progdist" and target_ema_mode != "fixed":
         raise ValueError("scale_mode='progdist' needs target_ema_mode='fixed'")
     if scale_mode == "progdist" and start_scales & (start_scales - 1):
-        raise ValueError(f"progdist needs start_scales a power of 2, got {start_scales}")
+        raise ValueError(f"start_scales={start_scales}: progdist needs a power of 2")
     if scale_mode != "progdist" and int(start_scales) < 2:
-        raise ValueError(f"start_scales (N) must be >= 2, got {start_scales}")
+        raise ValueError(f"start_scales={start_scales}: N must be >= 2")
     if scale_mode in ("progressive", "exponential") and end_scales < start_scales:
-        raise ValueError(f"end_scales ({end_scales}) must be >= start_scales ({start_scales})")
+        raise ValueError(f"end_scales={end_scales} must be >= start_scales={start_scales}")
 
 
 def sample_train_indices(key: jax.Array, batch: int, num_scales: jax.Array) -> jax.Array:

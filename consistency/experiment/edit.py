@@ -8,13 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from consistency.core import editing, samplers
-from consistency.experiment import networks, sample
+from consistency.experiment import networks, sample, spec
 from consistency.io import checkpoints, image_io
-
-TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
-
-
-DEFAULT_EVALUATIONS = 4  # network evaluations of the default ts (Algorithm 4 iterations)
 
 
 class EditResult(NamedTuple):
@@ -33,34 +28,8 @@ class EditResult(NamedTuple):
 
 def validate(config) -> None:
     """One clear message per bad edit key, before a checkpoint is read."""
-    e, d = config.edit, config.data
-    if e.task not in TASKS:
-        raise ValueError(f"unknown edit.task: {e.task!r}; choose one of {TASKS}")
-    if e.task == "colorize" and d.num_channels != 3:
-        raise ValueError(
-            f"edit.task='colorize' needs RGB images, but data.num_channels={d.num_channels}"
-        )
-    if e.task == "superres" and (e.patch_size < 1 or d.image_size % e.patch_size):
-        raise ValueError(f"edit.patch_size={e.patch_size} must divide data.image_size")
-    if e.task == "stroke" and not 0 <= e.stroke_index < e.steps - 1:
-        raise ValueError(f"edit.stroke_index={e.stroke_index} must lie in [0, edit.steps - 1)")
-    if e.task != "interpolate" and not e.input:
-        raise ValueError("edit.input: give a folder of PNGs or an .npz (arr_0 uint8 NHWC)")
-    if config.training.loss == "edm":
-        raise ValueError("--mode=edit needs a consistency model; training.loss='edm' is a teacher")
-
-
-def edit_sigmas(config) -> np.ndarray:
-    """Algorithm 4's levels: indices edit.ts of an edit.steps grid; by default a few even steps."""
-    e, m = config.edit, config.model
-    ts = tuple(e.ts)
-    if not ts:  # stroke guidance starts low on the grid (SDEdit), the others at sigma_max
-        start = e.stroke_index if e.task == "stroke" else 0
-        grid = np.linspace(start, e.steps - 1, DEFAULT_EVALUATIONS + 1)
-        ts = tuple(int(t) for t in np.unique(np.round(grid)))
-    return samplers.index_sigmas(
-        ts, e.steps, sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho
-    )
+    spec.validate(config, mode="edit")
+    spec.check_paths(config, mode="edit")
 
 
 def _fit(images: np.ndarray, config) -> np.ndarray:
@@ -78,9 +47,10 @@ def make_edit_fn(config, network: networks.Network):
     e, m = config.edit, config.model
     task, p, noise_sigma = e.task, e.patch_size, e.noise_sigma
     cm = networks.model_fn(network, config, "consistency")
-    sigmas, key = edit_sigmas(config), jax.random.key(e.seed)
+    sampler, key = spec.edit_sampler(config), jax.random.key(e.seed)
+    sigmas = np.asarray(sampler.sigmas, np.float32)
     levels = dict(sigma_min=m.sigma_min, sigma_max=m.sigma_max)
-    opts = dict(key=key, clip_denoised=config.sampling.clip_denoised, **levels)
+    opts = dict(key=key, clip_denoised=sampler.clip_denoised, **levels)
 
     def fn(params, images, mask, labels, ids):
         f = lambda x, s: cm(params, x, s, labels, None)  # noqa: E731
@@ -188,10 +158,13 @@ def run_edit(config, workdir) -> EditResult:
     stem = pathlib.Path(e.input).stem
     keep = labels if d.class_conditional else None
     grid = write_edits(out_dir, stem, names, edited, keep, [r[:64] for r in rows])
-    levels = [e.noise_sigma] if e.task == "denoise" else edit_sigmas(config)
+    levels = [e.noise_sigma] if e.task == "denoise" else spec.edit_sampler(config).sigmas
     sigmas = ", ".join(f"{s:.3g}" for s in levels)
     print(
         f"{e.task}: wrote {len(edited)} images (sigmas {sigmas}; checkpoint step {step}) to "
         f"{out_dir}; before/after grid {grid}"
     )
     return EditResult(images, reference, edited, out_dir, names)
+
+
+run = run_edit  # main.py's entry point of this mode

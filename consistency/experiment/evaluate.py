@@ -1,5 +1,6 @@
 """--mode=eval: sample checkpoints in resumable shards, extract features, score vs a reference."""
 
+import dataclasses
 import hashlib
 import json
 import pathlib
@@ -10,49 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from consistency.experiment import networks, sample
+from consistency.experiment import networks, sample, spec
 from consistency.io import checkpoints, data, image_io, sharding
 from consistency.measure import digits, inception, metrics
 
-FEATURES = ("inception", "digits")
 ADM_REF_BATCHES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
-
-
-def setting_config(config, setting: str):
-    """A copy of config whose sampler is one eval setting.
-
-    Consistency models: "1" is one step from sigma_max, "i0,i1,...,N-1" indices ts on the
-    sampling.steps grid (Algorithm 1), "sigma=80,0.821" explicit noise levels. EDM teachers:
-    "N" is Heun on an N-point grid.
-    """
-    cfg = config.copy_and_resolve_references()
-    explicit = setting.startswith("sigma=")
-    parse = float if explicit else int
-    try:
-        values = [parse(v) for v in setting.removeprefix("sigma=").split(",")]
-    except ValueError:
-        values = []
-    if cfg.training.loss == "edm":
-        if explicit or len(values) != 1 or values[0] < 2:
-            raise ValueError(
-                f"eval.settings: EDM models take 'N' (Heun grid size), not {setting!r}"
-            )
-        cfg.sampling.teacher_steps = values[0]
-        return cfg
-    if not values or (not explicit and values != [1] and len(values) < 2):
-        raise ValueError(
-            f"eval.settings: give '1', 'i0,...,N-1' or 'sigma=s0,...', not {setting!r}"
-        )
-    cfg.sampling.sigmas = tuple(values) if explicit else ()
-    cfg.sampling.ts = () if explicit or values == [1] else tuple(values)
-    sample.sample_sigmas(cfg)  # a bad index list fails here, before any sampling
-    return cfg
 
 
 def feature_kind(config) -> str:
     kind = config.eval.features
-    if kind not in FEATURES:
-        raise ValueError(f"unknown eval.features: {kind!r}; choose one of {FEATURES}")
+    if kind not in spec.FEATURES:
+        raise ValueError(f"unknown eval.features: {kind!r}; choose one of {spec.FEATURES}")
     return kind
 
 
@@ -126,14 +95,14 @@ def sample_ids(config, sample_fn, params, ids: np.ndarray, mesh) -> tuple[np.nda
     return np.concatenate(images), np.concatenate(labels)
 
 
-def _setting_dir(config, workdir, step: int, setting: str, kind: str) -> pathlib.Path:
+def _setting_dir(config, workdir, step: int, setting: str, sampler, kind: str) -> pathlib.Path:
     """WORKDIR/eval/step_{k}/{setting}-{hash of everything the chunks depend on}."""
     s, m, e = config.sampling, config.model, config.eval
     keyed = dict(
         setting=setting, seed=s.seed, ema=e.ema_index, features=kind,
         inception=pathlib.Path(e.inception_path).name if kind == "inception" else "",
         classifier=digits.HPARAMS if kind == "digits" else {}, class_label=s.class_label,
-        clip=s.clip_denoised, grid=[m.sigma_min, m.sigma_max, m.rho, s.steps],
+        sampler=dataclasses.asdict(sampler), grid=[m.sigma_min, m.sigma_max, m.rho],
     )  # fmt: skip
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
     name = setting.replace(",", "-").replace("=", "-") + "-" + digest
@@ -146,10 +115,12 @@ def _save_npz(path: pathlib.Path, arrays: dict) -> None:
     tmp.replace(path)
 
 
-def sample_features(config, network, params, out_dir: pathlib.Path, extract, mesh) -> dict:
+def sample_features(
+    config, network, params, out_dir: pathlib.Path, extract, mesh, sampler=None
+) -> dict:
     """Features (and labels) of sample ids [0, eval.num_samples), reusing finished chunks."""
     e = config.eval
-    sample_fn = sample.make_sample_fn(config, network)
+    sample_fn = sample.make_sample_fn(config, network, sampler)
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     # A shard is named by its id range: a partial last chunk of a smaller run is not reused.
@@ -307,19 +278,10 @@ def _load_params(config, workdir, network, step: int | None):
 
 
 def validate(config, mesh) -> dict:
-    """{setting: its config}, after one clear error per bad eval key."""
-    e = config.eval
-    feature_kind(config)
-    if not e.settings:
-        raise ValueError("eval.settings is empty: give e.g. ('1',) or ('1', '0,22,39')")
-    if e.num_samples < 2 or e.chunk_size < 1:
-        raise ValueError(f"eval.num_samples={e.num_samples} must be >= 2, chunk_size >= 1")
-    if e.batch_size % mesh.devices.size:
-        raise ValueError(
-            f"eval.batch_size={e.batch_size} must be divisible by the device count "
-            f"({mesh.devices.size})"
-        )
-    return {s: setting_config(config, s) for s in e.settings}
+    """{setting: its SamplerSpec}, after one clear error per bad eval key."""
+    spec.validate(config, mode="eval", num_devices=mesh.devices.size)
+    spec.check_paths(config, mode="eval")
+    return {s: spec.sampler(config, s) for s in config.eval.settings}
 
 
 def run_eval(config, workdir) -> dict[int, dict]:
@@ -337,7 +299,7 @@ def run_eval(config, workdir) -> dict[int, dict]:
     e = config.eval
     workdir = pathlib.Path(workdir)
     mesh = sharding.make_mesh()
-    configs = validate(config, mesh)
+    samplers = validate(config, mesh)
     kind = feature_kind(config)
     extract = make_extractor(config, cache_dir(config, workdir))
     ref, ref_name = reference(config, workdir, extract, mesh, kind)
@@ -352,10 +314,10 @@ def run_eval(config, workdir) -> dict[int, dict]:
         params, step = _load_params(config, workdir, network, wanted)
         params = jax.device_put(params, sharding.replicated(mesh))
         results[step] = {}
-        for setting, cfg in configs.items():
+        for setting, sampler in samplers.items():
             start = time.time()
-            out_dir = _setting_dir(cfg, workdir, step, setting, kind)
-            samples = sample_features(cfg, network, params, out_dir, extract, mesh)
+            out_dir = _setting_dir(config, workdir, step, setting, sampler, kind)
+            samples = sample_features(config, network, params, out_dir, extract, mesh, sampler)
             if jax.process_index() != 0:
                 continue
             results[step][setting] = score(samples, ref, kind=kind)
@@ -372,3 +334,6 @@ def run_eval(config, workdir) -> dict[int, dict]:
     if writer is not None:
         writer.close()
     return results
+
+
+run = run_eval  # main.py's entry point of this mode

@@ -1,147 +1,481 @@
-"""The method table: each training method's loss, built from the config."""
+"""The method table: each training method is one row, a frozen object of its hyper-parameters.
 
-import functools
+A row's class attributes are its properties (whether it needs a teacher, how its models are
+sampled, what parameterization and distances it takes); its fields are read from the config once,
+by `from_config`; its `loss` returns per-example losses [B] and metrics. Nothing here is called
+with the config inside jitted code. Adding a method: a loss in core/losses.py and a row here.
+"""
+
+import dataclasses
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 
 from consistency.core import distances, losses, ode, parameterization, schedules
-from consistency.experiment.networks import Network, _choice, model_fn, trigflow_net_fn
-
-LOSSES = ("edm", "cd", "ct", "ect", "cd_continuous", "ct_continuous", "sct", "scd")
-
-
-ECT_SCALINGS = ("edm", "boundary")  # the scalings ECT trains with (it samples with boundary)
-
-
-# Losses whose target network is stop_gradient(params) by definition: no target copy is kept.
-ONLINE_TARGET_LOSSES = ("ect", "cd_continuous", "ct_continuous", "sct", "scd")
-
+from consistency.core.schedules import Curriculum, NoiseGrid
 
 INDEX_SAMPLINGS = ("uniform", "lognormal")
+ECT_SCALINGS = ("edm", "boundary")  # the scalings ECT trains with (it samples with boundary)
+SAMPLERS = ("consistency", "diffusion", "progressive")  # how a method's models are sampled
+ALL_DISTANCES = distances.DISTANCES + ("lpips",)
 
 
-def schedule_fn(config) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-    """step -> (mu(k), N(k)) of the configured curriculum."""
-    t = config.training
-    total = t.total_steps if t.total_steps > 0 else t.num_steps
-    return functools.partial(
-        schedules.ema_and_scales, target_ema_mode=t.target_ema_mode, scale_mode=t.scale_mode,
-        start_ema=t.start_ema, start_scales=t.start_scales, end_scales=t.end_scales,
-        total_steps=total, distill_steps_per_iter=t.distill_steps_per_iter,
-    )  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class ModelFns:
+    """The network as the functions a loss calls: fn(params, x, sigma [B], y, dropout_key)."""
+
+    consistency: Callable  # f_theta: the boundary scalings (TrigFlow: its single form)
+    denoiser: Callable  # D_theta: the EDM scalings (TrigFlow: its single form)
+    raw: Callable  # F_theta(params, x_in, c_noise, y, key): the bare network (sCM)
+    log_weight: Callable | None = None  # (params, c_noise) -> sCM's learned weighting w
 
 
-def loss_fn(config, network: Network, distance) -> Callable:
-    """fn(params, target_params, teacher_params, batch, key, step) -> (per-example [B], metrics)."""
-    t, m = config.training, config.model
-    name = _choice(t.loss, LOSSES, "training.loss")
-    if name in ONLINE_TARGET_LOSSES:
-        return _successor_loss_fn(config, network, distance)
-    edm = model_fn(network, config, "edm")
-    cm = model_fn(network, config, "consistency")
-    schedule = schedule_fn(config)
-    weighting = parameterization.get_weighting(t.weighting, sigma_data=m.sigma_data)
-    grid = dict(sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho)
-    solver = ode.get_solver(t.solver)
-    sampler = index_sampler(config)
-    online = online_target(config)
+class Method:
+    """A row of the table. Subclasses are frozen dataclasses of the method's hyper-parameters."""
 
-    def fn(params, target_params, teacher_params, batch, key, step):
-        x0, y = batch["image"], batch["label"]
-        if name == "edm":
-            denoise = lambda p, x, s, k: edm(p, x, s, y, k)  # noqa: E731
-            return losses.edm_loss(
-                denoise, params, x0, key, sigma_data=m.sigma_data, p_mean=t.edm_p_mean,
-                p_std=t.edm_p_std,
-            )  # fmt: skip
-        _, num_scales = schedule(step)
-        consistency = lambda p, x, s, k: cm(p, x, s, y, k)  # noqa: E731
-        kw = dict(num_scales=num_scales, distance=distance, weighting=weighting, **grid)
-        kw.update(index_sampler=sampler)
-        target_params = params if online else target_params  # stop_gradient is in the loss
-        if name == "ct":
-            return losses.consistency_training_loss(
-                consistency, params, target_params, x0, key, **kw
-            )
-        teacher = lambda x, s: edm(teacher_params, x, s, y, None)  # noqa: E731
-        return losses.consistency_distillation_loss(
-            consistency, params, target_params, teacher, solver, x0, key, **kw
-        )
+    name: ClassVar[str]
+    needs_teacher: ClassVar[bool] = False  # a frozen teacher's params enter the loss
+    samples_as: ClassVar[str] = "consistency"  # one of SAMPLERS
+    # model.parameterization values it trains (TrigFlow: one form for denoiser and f_theta).
+    parameterizations: ClassVar[tuple[str, ...]] = ("edm", "trigflow")
+    needs_logvar: ClassVar[bool] = False  # sCM's learned weighting (model.logvar_features > 0)
+    # training.distance values it takes (() = it has its own); aliases say what a name means here.
+    distances: ClassVar[tuple[str, ...]] = ()
+    distance_aliases: ClassVar[dict[str, str]] = {}
 
-    return fn
+    @property
+    def keeps_target(self) -> bool:
+        """Whether the state keeps a target copy theta- (else theta- = stop_gradient(theta))."""
+        return False
 
-
-def online_target(config) -> bool:
-    """Whether the target network is stop_gradient(params): no EMA target copy is kept.
-
-    True for ECT, continuous-time and sCM losses, and for CD/CT with a fixed mu = 0 (iCT).
-    """
-    t = config.training
-    if t.loss in ONLINE_TARGET_LOSSES:
-        return True
-    fixed_zero = t.target_ema_mode == "fixed" and t.start_ema == 0.0
-    return t.loss in ("cd", "ct") and fixed_zero and t.scale_mode != "progdist"
-
-
-def index_sampler(config) -> Callable | None:
-    """key, batch, N -> grid indices of CD/CT: None (uniform) or iCT's discretised lognormal."""
-    t, m = config.training, config.model
-    if _choice(t.index_sampling, INDEX_SAMPLINGS, "training.index_sampling") == "uniform":
+    @property
+    def curriculum(self) -> Curriculum | None:
         return None
-    max_scales = schedules.max_num_scales(
-        t.scale_mode, start_scales=t.start_scales, end_scales=t.end_scales
-    )
-    return functools.partial(
-        schedules.sample_lognormal_indices, max_scales=max_scales, p_mean=t.p_mean,
-        p_std=t.p_std, sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho,
+
+    def restarts(self, step: jax.Array) -> jax.Array | None:
+        """Whether the student restarts from its EMA with a fresh optimiser at this step."""
+        return None
+
+    def schedule(self, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """step -> (mu(k), N(k)): the target EMA rate and the grid size (0 without a grid)."""
+        if self.curriculum is None:
+            return jnp.float32(0.0), jnp.int32(0)
+        return self.curriculum(step)
+
+    def loss(
+        self, fns: ModelFns, distance, params, target_params, teacher_params, batch, key, step
+    ):
+        """(per-example losses [B], metrics with 'sigma' [B]) of one batch {'image', 'label'}."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config) -> "Method":
+        raise NotImplementedError
+
+
+def _grid(config) -> NoiseGrid:
+    m = config.model
+    return NoiseGrid(sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho)
+
+
+def _curriculum(config, **overrides) -> Curriculum:
+    t = config.training
+    fields = dict(
+        target_ema_mode=t.target_ema_mode, scale_mode=t.scale_mode, start_ema=t.start_ema,
+        start_scales=t.start_scales, end_scales=t.end_scales,
+        total_steps=t.total_steps if t.total_steps > 0 else t.num_steps,
+        distill_steps_per_iter=t.distill_steps_per_iter,
     )  # fmt: skip
+    try:
+        return Curriculum(**{**fields, **overrides})
+    except ValueError as e:  # the schedule's messages start with the key
+        raise ValueError(f"training.{e}") from None
 
 
-def _successor_loss_fn(config, network: Network, distance) -> Callable:
-    """The loss fn of ECT, continuous-time CD/CT and sCT/sCD (targets are sg(params))."""
-    t, m = config.training, config.model
-    name = t.loss
-    weighting = parameterization.get_weighting(t.weighting, sigma_data=m.sigma_data)
-    cm = model_fn(network, config, "consistency")
-    edm = model_fn(network, config, "edm")
-    net = trigflow_net_fn(network)
-    if name in ("sct", "scd") and (m.parameterization != "trigflow" or network.logvar is None):
-        raise ValueError(f"training.loss={name!r} needs model.parameterization='trigflow' and "
-                         "model.logvar_features > 0")  # fmt: skip
-    if name in ("cd_continuous", "ct_continuous") and t.distance == "l2":
-        distance = distances.l2_norm  # jcm's continuous-time 'l2' is the norm of the tangent
+def _weighting(name: str, sigma_data: float):
+    return parameterization.get_weighting(name, sigma_data=sigma_data)
 
-    def fn(params, target_params, teacher_params, batch, key, step):
-        x0, y = batch["image"], batch["label"]
-        consistency = lambda p, x, s, k: cm(p, x, s, y, k)  # noqa: E731
-        if name == "ect":
-            # The reference trains with the EDM scalings (boundary at r = 0, where its target is
-            # x0) and samples with the boundary ones; 'boundary' trains the sampled function.
-            edm_train = _choice(t.ect_scalings, ECT_SCALINGS, "training.ect_scalings") == "edm"
-            ect_fn = (lambda p, x, s, k: edm(p, x, s, y, k)) if edm_train else consistency
-            return losses.easy_consistency_loss(
-                ect_fn, params, x0, key, step, distance=distance, weighting=weighting,
-                p_mean=t.p_mean, p_std=t.p_std, q=t.ect_q, k=t.ect_k, b=t.ect_b,
-                stage_steps=t.ect_stage_steps, r_min=0.0 if edm_train else m.sigma_min,
-            )  # fmt: skip
-        if name in ("cd_continuous", "ct_continuous"):
-            teacher = None
-            if name == "cd_continuous":
-                teacher = lambda x, s: edm(teacher_params, x, s, y, None)  # noqa: E731
-            return losses.continuous_consistency_loss(
-                consistency, params, x0, key, teacher_denoise=teacher,
-                stopgrad=t.continuous_stopgrad, distance=distance, weighting=weighting,
-                sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho,
-            )  # fmt: skip
-        velocity = None
-        if name == "scd":
-            sd = m.sigma_data
-            velocity = lambda x, s: sd * net(teacher_params, x / sd, s, y, None)  # noqa: E731
-        return losses.scm_loss(
-            lambda p, x_in, s, k: net(p, x_in, s, y, k), network.log_weight, params, x0, key,
-            velocity_fn=velocity, warmup=schedules.tangent_warmup(step, t.scm_warmup_steps),
-            sigma_data=m.sigma_data, p_mean=t.p_mean, p_std=t.p_std, tangent_c=t.scm_tangent_c,
+
+@dataclasses.dataclass(frozen=True)
+class EDM(Method):
+    """EDM denoising score matching: the diffusion teachers."""
+
+    name: ClassVar[str] = "edm"
+    samples_as: ClassVar[str] = "diffusion"
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+    def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
+        y = batch["label"]
+        return losses.edm_loss(
+            lambda p, x, s, k: fns.denoiser(p, x, s, y, k), params, batch["image"], key,
+            sigma_data=self.sigma_data, p_mean=self.p_mean, p_std=self.p_std,
         )  # fmt: skip
 
-    return fn
+    @classmethod
+    def from_config(cls, config):
+        t = config.training
+        return cls(sigma_data=config.model.sigma_data, p_mean=t.edm_p_mean, p_std=t.edm_p_std)
+
+
+@dataclasses.dataclass(frozen=True)
+class CT(Method):
+    """Discrete consistency training (and iCT: mu = 0, lognormal pairs, 1/dt, pseudo-Huber)."""
+
+    name: ClassVar[str] = "ct"
+    distances: ClassVar[tuple[str, ...]] = ALL_DISTANCES
+    grid: NoiseGrid = NoiseGrid()
+    schedule_spec: Curriculum = Curriculum()
+    weighting: str = "uniform"
+    sigma_data: float = 0.5
+    index_sampling: str = "uniform"
+    p_mean: float = -1.1  # iCT's lognormal pairs
+    p_std: float = 2.0
+
+    @property
+    def curriculum(self) -> Curriculum:
+        return self.schedule_spec
+
+    @property
+    def keeps_target(self) -> bool:
+        c = self.schedule_spec
+        return not (c.target_ema_mode == "fixed" and c.start_ema == 0.0)
+
+    def index_sampler(self):
+        """key, batch, N -> grid indices: None (uniform) or iCT's discretised lognormal."""
+        if self.index_sampling == "uniform":
+            return None
+
+        def sample(key, batch, num_scales):
+            return schedules.sample_lognormal_indices(
+                key, batch, num_scales, max_scales=self.schedule_spec.max_scales,
+                p_mean=self.p_mean, p_std=self.p_std, **self.grid.kwargs(),
+            )  # fmt: skip
+
+        return sample
+
+    def _kwargs(self, distance, step):
+        _, num_scales = self.schedule(step)
+        return dict(
+            num_scales=num_scales, distance=distance, index_sampler=self.index_sampler(),
+            weighting=_weighting(self.weighting, self.sigma_data), **self.grid.kwargs(),
+        )  # fmt: skip
+
+    def _target(self, params, target_params):
+        return target_params if self.keeps_target else params  # stop_gradient is in the loss
+
+    def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
+        y = batch["label"]
+        return losses.consistency_training_loss(
+            lambda p, x, s, k: fns.consistency(p, x, s, y, k), params,
+            self._target(params, target_params), batch["image"], key,
+            **self._kwargs(distance, step),
+        )  # fmt: skip
+
+    @classmethod
+    def _fields(cls, config) -> dict[str, Any]:
+        t = config.training
+        if t.scale_mode == "progdist":
+            raise ValueError(
+                f"training.scale_mode='progdist' is progressive distillation's curriculum; "
+                f"use training.loss='pd' (not {cls.name!r})"
+            )
+        return dict(
+            grid=_grid(config), schedule_spec=_curriculum(config), weighting=t.weighting,
+            sigma_data=config.model.sigma_data, index_sampling=t.index_sampling,
+            p_mean=t.p_mean, p_std=t.p_std,
+        )  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**cls._fields(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class CD(CT):
+    """Discrete consistency distillation: one Heun/Euler step of the frozen EDM teacher."""
+
+    name: ClassVar[str] = "cd"
+    needs_teacher: ClassVar[bool] = True
+    solver: str = "heun"
+
+    def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
+        y = batch["label"]
+        return losses.consistency_distillation_loss(
+            lambda p, x, s, k: fns.consistency(p, x, s, y, k), params,
+            self._target(params, target_params),
+            lambda x, s: fns.denoiser(teacher_params, x, s, y, None),
+            ode.get_solver(self.solver), batch["image"], key, **self._kwargs(distance, step),
+        )  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**cls._fields(config), solver=config.training.solver)
+
+
+@dataclasses.dataclass(frozen=True)
+class PD(Method):
+    """Progressive distillation (Salimans & Ho 2022; the CM paper's baseline, jcm).
+
+    The student D_theta (EDM scalings) learns in one Euler step what the teacher does in two;
+    N halves every `distill_steps_per_iter` steps (schedules.progdist_num_scales). The teacher is
+    the target copy: the EDM teacher at first, then at each halving the student's EMA, which the
+    student restarts from with a fresh optimiser (jcm train.py).
+    """
+
+    name: ClassVar[str] = "pd"
+    needs_teacher: ClassVar[bool] = True
+    samples_as: ClassVar[str] = "progressive"
+    distances: ClassVar[tuple[str, ...]] = ALL_DISTANCES
+    grid: NoiseGrid = NoiseGrid()
+    start_scales: int = 4096
+    distill_steps_per_iter: int = 50000
+    weighting: str = "truncated-snr"
+    sigma_data: float = 0.5
+
+    @property
+    def curriculum(self) -> Curriculum:
+        return Curriculum(
+            target_ema_mode="fixed", scale_mode="progdist", start_ema=1.0,
+            start_scales=self.start_scales, end_scales=self.start_scales,
+            distill_steps_per_iter=self.distill_steps_per_iter,
+        )  # fmt: skip
+
+    @property
+    def keeps_target(self) -> bool:
+        return True  # the current stage's teacher
+
+    def restarts(self, step: jax.Array) -> jax.Array:
+        """At the first step of every stage after the first (N just halved)."""
+        _, now = self.schedule(step)
+        _, before = self.schedule(jnp.maximum(step - 1, 0))
+        return (step > 0) & (now != before)
+
+    def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
+        y = batch["label"]
+        _, num_scales = self.schedule(step)
+        return losses.progressive_distillation_loss(
+            lambda p, x, s, k: fns.denoiser(p, x, s, y, k), params,
+            lambda x, s: fns.denoiser(target_params, x, s, y, None), batch["image"], key,
+            num_scales=num_scales, distance=distance,
+            weighting=_weighting(self.weighting, self.sigma_data), **self.grid.kwargs(),
+        )  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config):
+        t = config.training
+        return cls(
+            grid=_grid(config), start_scales=t.start_scales,
+            distill_steps_per_iter=t.distill_steps_per_iter, weighting=t.weighting,
+            sigma_data=config.model.sigma_data,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class ECT(Method):
+    """ECT (Geng et al. 2024): tune a diffusion model, dt = t - r shrinking by q every stage."""
+
+    name: ClassVar[str] = "ect"
+    distances: ClassVar[tuple[str, ...]] = ALL_DISTANCES
+    weighting: str = "karras"
+    sigma_data: float = 0.5
+    sigma_min: float = schedules.SIGMA_MIN
+    p_mean: float = -1.1
+    p_std: float = 2.0
+    q: float = 2.0
+    k: float = 8.0
+    b: float = 1.0
+    stage_steps: int = 25000
+    # The reference trains with the EDM scalings (boundary at r = 0, where its target is x0) and
+    # samples with the boundary ones; 'boundary' trains the sampled function (an ablation).
+    scalings: str = "edm"
+
+    def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
+        y = batch["label"]
+        fn = fns.denoiser if self.scalings == "edm" else fns.consistency
+        return losses.easy_consistency_loss(
+            lambda p, x, s, k: fn(p, x, s, y, k), params, batch["image"], key, step,
+            distance=distance, weighting=_weighting(self.weighting, self.sigma_data),
+            p_mean=self.p_mean, p_std=self.p_std, q=self.q, k=self.k, b=self.b,
+            stage_steps=self.stage_steps,
+            r_min=0.0 if self.scalings == "edm" else self.sigma_min,
+        )  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config):
+        t, m = config.training, config.model
+        return cls(
+            weighting=t.weighting, sigma_data=m.sigma_data, sigma_min=m.sigma_min,
+            p_mean=t.p_mean, p_std=t.p_std, q=t.ect_q, k=t.ect_k, b=t.ect_b,
+            stage_steps=t.ect_stage_steps, scalings=t.ect_scalings,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class CTContinuous(Method):
+    """The CM paper's continuous-time CT (jcm): the tangent with the data's score estimate."""
+
+    name: ClassVar[str] = "ct_continuous"
+    # jcm's continuous-time 'l2' is the norm of the tangent, not the per-pixel mean of CD/CT.
+    distances: ClassVar[tuple[str, ...]] = ("l1", "l2")
+    distance_aliases: ClassVar[dict[str, str]] = {"l2": "l2_norm"}
+    grid: NoiseGrid = NoiseGrid()
+    stopgrad: bool = False
+    weighting: str = "uniform"
+    sigma_data: float = 0.5
+
+    def _teacher(self, fns, teacher_params, y):
+        return None
+
+    def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
+        y = batch["label"]
+        return losses.continuous_consistency_loss(
+            lambda p, x, s, k: fns.consistency(p, x, s, y, k), params, batch["image"], key,
+            teacher_denoise=self._teacher(fns, teacher_params, y), stopgrad=self.stopgrad,
+            distance=distance, weighting=_weighting(self.weighting, self.sigma_data),
+            **self.grid.kwargs(),
+        )  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config):
+        t = config.training
+        if t.continuous_stopgrad and t.distance != "l2":
+            raise ValueError(
+                f"training.continuous_stopgrad needs training.distance='l2' (jcm's pseudo-loss "
+                f"of the l2 norm), not {t.distance!r}"
+            )
+        return cls(
+            grid=_grid(config), stopgrad=t.continuous_stopgrad, weighting=t.weighting,
+            sigma_data=config.model.sigma_data,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class CDContinuous(CTContinuous):
+    """The CM paper's continuous-time CD (jcm): the tangent along the teacher's PF-ODE."""
+
+    name: ClassVar[str] = "cd_continuous"
+    needs_teacher: ClassVar[bool] = True
+
+    def _teacher(self, fns, teacher_params, y):
+        return lambda x, s: fns.denoiser(teacher_params, x, s, y, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class SCT(Method):
+    """sCT (Lu & Song 2024): TrigFlow, the JVP tangent normalised, the learned weighting."""
+
+    name: ClassVar[str] = "sct"
+    parameterizations: ClassVar[tuple[str, ...]] = ("trigflow",)
+    needs_logvar: ClassVar[bool] = True
+    sigma_data: float = 0.5
+    p_mean: float = -1.0
+    p_std: float = 1.4
+    tangent_c: float = 0.1
+    warmup_steps: int = 10000
+
+    def _velocity(self, fns, teacher_params, y):
+        return None
+
+    def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
+        y = batch["label"]
+        return losses.scm_loss(
+            lambda p, x_in, s, k: fns.raw(p, x_in, s, y, k), fns.log_weight, params,
+            batch["image"], key, velocity_fn=self._velocity(fns, teacher_params, y),
+            warmup=schedules.tangent_warmup(step, self.warmup_steps), sigma_data=self.sigma_data,
+            p_mean=self.p_mean, p_std=self.p_std, tangent_c=self.tangent_c,
+        )  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config):
+        t = config.training
+        return cls(
+            sigma_data=config.model.sigma_data, p_mean=t.p_mean, p_std=t.p_std,
+            tangent_c=t.scm_tangent_c, warmup_steps=t.scm_warmup_steps,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class SCD(SCT):
+    """sCD (Lu & Song 2024): sCT with the TrigFlow teacher's velocity as dx/dt."""
+
+    name: ClassVar[str] = "scd"
+    needs_teacher: ClassVar[bool] = True
+
+    def _velocity(self, fns, teacher_params, y):
+        sd = self.sigma_data
+        return lambda x, t: sd * fns.raw(teacher_params, x / sd, t, y, None)
+
+
+# The table: training.loss -> its row.
+METHODS: dict[str, type[Method]] = {
+    row.name: row for row in (EDM, CD, CT, PD, ECT, CDContinuous, CTContinuous, SCT, SCD)
+}
+LOSSES = tuple(METHODS)
+
+
+def row(name: str) -> type[Method]:
+    """The method class of training.loss `name` (its properties, without building it)."""
+    if name not in METHODS:
+        raise ValueError(f"training.loss: unknown {name!r}; choose one of {LOSSES}")
+    return METHODS[name]
+
+
+def from_config(config) -> Method:
+    """The configured method: its row filled from config.training and config.model."""
+    return row(config.training.loss).from_config(config)
+
+
+def distance_name(method: Method | type[Method], name: str) -> str:
+    """What training.distance `name` means for this method (e.g. the tangent's norm for 'l2')."""
+    if method.distances and name not in method.distances:
+        raise ValueError(
+            f"training.distance={name!r} is not supported by training.loss={method.name!r}; "
+            f"choose one of {method.distances}"
+        )
+    return method.distance_aliases.get(name, name)
+
+
+def problems(config) -> list[str]:
+    """Every inconsistency between the configured method and the rest of the config."""
+    t, m = config.training, config.model
+    if t.loss not in METHODS:
+        return [f"training.loss: unknown {t.loss!r}; choose one of {LOSSES}"]
+    cls = METHODS[t.loss]
+    out = []
+    if m.parameterization not in cls.parameterizations:
+        out.append(
+            f"model.parameterization={m.parameterization!r}: training.loss={t.loss!r} takes "
+            f"one of {cls.parameterizations}"
+        )
+    if cls.needs_logvar and m.logvar_features < 1:
+        out.append(f"model.logvar_features: training.loss={t.loss!r} needs > 0 (the learned "
+                   "weighting)")  # fmt: skip
+    if t.index_sampling not in INDEX_SAMPLINGS:
+        out.append(f"training.index_sampling: unknown {t.index_sampling!r}; choose one of "
+                   f"{INDEX_SAMPLINGS}")  # fmt: skip
+    if t.ect_scalings not in ECT_SCALINGS:
+        out.append(f"training.ect_scalings: unknown {t.ect_scalings!r}; choose one of "
+                   f"{ECT_SCALINGS}")  # fmt: skip
+    if t.weighting not in parameterization.WEIGHTINGS:
+        out.append(f"training.weighting: unknown {t.weighting!r}; choose one of "
+                   f"{parameterization.WEIGHTINGS}")  # fmt: skip
+    if t.solver not in ode.SOLVERS:
+        out.append(f"training.solver: unknown {t.solver!r}; choose one of {ode.SOLVERS}")
+    if t.distance not in ALL_DISTANCES:
+        out.append(f"training.distance: unknown {t.distance!r}; choose one of {ALL_DISTANCES}")
+    else:
+        try:
+            distance_name(cls, t.distance)
+        except ValueError as e:
+            out.append(str(e))
+    if out:
+        return out
+    try:
+        from_config(config)  # the row's own checks (curriculum modes, combinations)
+    except ValueError as e:
+        out.append(str(e))
+    return out

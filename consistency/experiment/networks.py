@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from consistency.core import distances, parameterization
+from consistency.experiment import methods
 from consistency.measure import lpips
 from consistency.models.adm import ADMUNet, attention_ds
 from consistency.models.logvar import LogVariance
@@ -150,6 +151,16 @@ def model_fn(network: Network, config, kind: str) -> Callable:
     return fn
 
 
+def model_fns(network: Network, config) -> methods.ModelFns:
+    """The network as the functions the method table's losses call."""
+    return methods.ModelFns(
+        consistency=model_fn(network, config, "consistency"),
+        denoiser=model_fn(network, config, "edm"),
+        raw=trigflow_net_fn(network),
+        log_weight=network.log_weight if network.logvar is not None else None,
+    )
+
+
 def distance_fn(config, lpips_params=None) -> jax.tree_util.Partial:
     """The configured per-example distance fn(x, y) -> [B], as a pytree (jax.tree_util.Partial).
 
@@ -164,11 +175,9 @@ def distance_fn(config, lpips_params=None) -> jax.tree_util.Partial:
         fn = functools.partial(_lpips_any_channels, pool=pool, resize_to=t.lpips_resize)
         return jax.tree_util.Partial(fn, jax.tree.map(jnp.asarray, params))
     dim = d.image_size * d.image_size * d.num_channels
-    return jax.tree_util.Partial(
-        distances.get_distance(
-            t.distance, data_dim=dim, huber_c=t.huber_c if t.huber_c >= 0 else None
-        )
-    )
+    name = methods.distance_name(methods.row(t.loss), t.distance)
+    huber_c = t.huber_c if t.huber_c >= 0 else None
+    return jax.tree_util.Partial(distances.get_distance(name, data_dim=dim, huber_c=huber_c))
 
 
 def lpips_params_from_config(config) -> dict:

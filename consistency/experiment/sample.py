@@ -7,55 +7,53 @@ import jax.numpy as jnp
 import numpy as np
 
 from consistency.core import ode, samplers, schedules
-from consistency.experiment import networks
+from consistency.core.samplers import SamplerSpec
+from consistency.core.schedules import NoiseGrid
+from consistency.experiment import methods, networks, spec
 from consistency.io import checkpoints, image_io
 
 
-def sample_sigmas(config) -> np.ndarray:
-    """Evaluation sigmas of the configured consistency sampler: explicit sigmas, one step, or ts."""
-    s, m = config.sampling, config.model
-    if s.sigmas:
-        return np.asarray(s.sigmas, np.float32)
-    if not s.ts:
-        return np.asarray([m.sigma_max], np.float32)
-    return samplers.index_sigmas(
-        tuple(s.ts), s.steps, sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho
-    )
-
-
-def make_sample_fn(config, network: networks.Network):
+def make_sampler(fns: methods.ModelFns, sampler: SamplerSpec, grid: NoiseGrid, shape):
     """jitted fn(params, key, sample_ids, labels) -> images in [-1, 1] for one batch.
 
-    Consistency models use the configured one-step/multistep sampler; EDM models (training.loss
-    'edm') the Heun teacher sampler with sampling.teacher_steps grid points.
+    Sample k's noise is fold_in(key, k): the images do not depend on the batch split.
     """
-    d, m, s = config.data, config.model, config.sampling
-    shape = (d.image_size, d.image_size, d.num_channels)
-    if config.training.loss == "edm":
-        denoise = networks.model_fn(network, config, "edm")
-        grid = schedules.karras_sigmas(
-            s.teacher_steps, sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho,
-            append_zero=True,
-        )  # fmt: skip
+    clip = sampler.clip_denoised
+    if sampler.kind in ("heun", "progressive"):
+        n = sampler.steps
+        if sampler.kind == "heun":
+            sigmas = schedules.karras_sigmas(n, **grid.kwargs(), append_zero=True)
+            solve = ode.heun_sampler
+        else:  # PD's Euler steps on its ramp, then D(x, sigma_min) (jcm's final Euler step to 0)
+            ramp = schedules.progdist_sigmas(jnp.arange(n + 1), n, **grid.kwargs())[0]
+            sigmas, solve = jnp.append(ramp, 0.0), ode.euler_sampler
 
-        def fn(params, key, ids, labels):
-            x_T = m.sigma_max * samplers.per_sample_normal(key, ids, shape, 0)
-            d_fn = lambda x, sig: denoise(params, x, sig, labels, None)  # noqa: E731
-            x = ode.heun_sampler(d_fn, x_T, grid, clip_denoised=s.clip_denoised)
-            return jnp.clip(x, -1.0, 1.0)
+        def diffusion(params, key, ids, labels):
+            x_T = grid.sigma_max * samplers.per_sample_normal(key, ids, shape, 0)
+            d_fn = lambda x, sig: fns.denoiser(params, x, sig, labels, None)  # noqa: E731
+            return jnp.clip(solve(d_fn, x_T, sigmas, clip_denoised=clip), -1.0, 1.0)
 
-        return jax.jit(fn)
-    consistency = networks.model_fn(network, config, "consistency")
-    sigmas = sample_sigmas(config)
+        return jax.jit(diffusion)
+    sigmas = np.asarray(sampler.sigmas, np.float32)
 
-    def fn(params, key, ids, labels):
-        f = lambda x, sig: consistency(params, x, sig, labels, None)  # noqa: E731
+    def consistency(params, key, ids, labels):
+        f = lambda x, sig: fns.consistency(params, x, sig, labels, None)  # noqa: E731
         return samplers.sample(
-            f, key, ids, shape, sigmas, sigma_min=m.sigma_min, sigma_max=m.sigma_max,
-            clip_denoised=s.clip_denoised,
+            f, key, ids, shape, sigmas, sigma_min=grid.sigma_min, sigma_max=grid.sigma_max,
+            clip_denoised=clip,
         )  # fmt: skip
 
-    return jax.jit(fn)
+    return jax.jit(consistency)
+
+
+def make_sample_fn(config, network: networks.Network, sampler: SamplerSpec | None = None):
+    """The configured sampler (or `sampler`) of the configured network: see make_sampler."""
+    d = config.data
+    sampler = spec.sampler(config) if sampler is None else sampler
+    shape = (d.image_size, d.image_size, d.num_channels)
+    return make_sampler(
+        networks.model_fns(network, config), sampler, spec.noise_grid(config), shape
+    )
 
 
 def sample_labels(config, ids: np.ndarray) -> np.ndarray:
@@ -126,3 +124,6 @@ def abstract_params(config, network: networks.Network):
     x = jnp.zeros((1, d.image_size, d.image_size, d.num_channels), jnp.float32)
     y = jnp.zeros((1,), jnp.int32)
     return jax.eval_shape(lambda: network.init(jax.random.key(0), x, y))
+
+
+run = run_sample  # main.py's entry point of this mode

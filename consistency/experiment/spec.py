@@ -1,9 +1,25 @@
-"""Config validation: every bad key in one message, before anything runs."""
+"""The edge where config becomes specs: validation of every key, sampler specs, path checks.
+
+`validate` is pure and complete (every enum, range and combination a mode reads) and runs
+before anything else; `check_paths` looks at the file system apart. Specs (the method, the
+noise grid, the sampler) are frozen objects built here once; nothing jitted reads the config.
+"""
 
 import pathlib
 
+import numpy as np
+
+from consistency.core import samplers
+from consistency.core.samplers import SamplerSpec
+from consistency.core.schedules import NoiseGrid
 from consistency.experiment import methods, networks, train_state
 from consistency.io import data
+
+MODES = ("train", "sample", "edit", "eval")
+TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
+FEATURES = ("inception", "digits")
+ATTENTION = ("plain", "xla", "cudnn", "none")
+DEFAULT_EDIT_EVALUATIONS = 4  # network evaluations of the default edit.ts (Algorithm 4 steps)
 
 
 class ConfigError(ValueError):
@@ -64,19 +80,52 @@ _RULES = {
         f"one of {networks.PARAMETERIZATIONS}",
     ),
     "model.logvar_features": (_int(0), "an integer >= 0"),
-    "training.index_sampling": (
-        lambda v: v in methods.INDEX_SAMPLINGS,
-        f"one of {methods.INDEX_SAMPLINGS}",
-    ),
     "training.p_std": (_num(0, _INF, low_open=True), "a number > 0"),
     "training.ect_q": (_num(1, _INF, low_open=True), "a number > 1"),
     "training.ect_stage_steps": (_int(1), "a positive integer"),
-    "training.ect_scalings": (
-        lambda v: v in methods.ECT_SCALINGS,
-        f"one of {methods.ECT_SCALINGS}",
-    ),
     "training.scm_tangent_c": (_num(0, _INF), "a number >= 0"),
     "training.scm_warmup_steps": (_int(0), "an integer >= 0"),
+    "training.distill_steps_per_iter": (_int(1), "a positive integer"),
+    "training.teacher_ema_index": (_int(0), "an integer >= 0"),
+    "training.lpips_pool": (lambda v: v in networks.LPIPS_POOLS, f"one of {networks.LPIPS_POOLS}"),
+    "training.lpips_resize": (_int(0), "an integer >= 0"),
+    "training.log_every": (_int(1), "a positive integer"),
+    "training.snapshot_every": (_int(1), "a positive integer"),
+    "data.name": (lambda v: v in data.DATASETS, f"one of {data.DATASETS}"),
+    "data.num_classes": (_int(1), "a positive integer"),
+    "model.name": (lambda v: v in networks.MODELS, f"one of {networks.MODELS}"),
+    "model.attention_impl": (lambda v: v in ATTENTION, f"one of {ATTENTION}"),
+    "sampling.steps": (_int(2), "an integer >= 2"),
+    "sampling.num_samples": (_int(1), "a positive integer"),
+    "sampling.batch_size": (_int(1), "a positive integer"),
+    "sampling.teacher_steps": (_int(2), "an integer >= 2"),
+    "sampling.clip_denoised": (lambda v: isinstance(v, bool), "True or False"),
+    "sampling.class_label": (_int(-1), "-1 (random) or a class index"),
+    "sampling.checkpoint_step": (_int(-1), "-1 (latest) or a step"),
+    "sampling.ema_index": (_int(0), "an integer >= 0"),
+    "sampling.seed": (_int(0), "an integer >= 0"),
+}
+# Keys each mode reads beyond the shared ones (a prefix covers its whole section).
+_EDIT_RULES = {
+    "edit.task": (lambda v: v in TASKS, f"one of {TASKS}"),
+    "edit.steps": (_int(2), "an integer >= 2"),
+    "edit.patch_size": (_int(1), "a positive integer"),
+    "edit.stroke_index": (_int(0), "an integer >= 0"),
+    "edit.noise_sigma": (_num(0, _INF, low_open=True), "a number > 0"),
+    "edit.num_interpolations": (_int(2), "an integer >= 2"),
+    "edit.num_pairs": (_int(1), "a positive integer"),
+    "edit.seed": (_int(0), "an integer >= 0"),
+    "edit.ema_index": (_int(0), "an integer >= 0"),
+    "edit.checkpoint_step": (_int(-1), "-1 (latest) or a step"),
+}
+_EVAL_RULES = {
+    "eval.num_samples": (_int(2), "an integer >= 2"),
+    "eval.features": (lambda v: v in FEATURES, f"one of {FEATURES}"),
+    "eval.reference_limit": (_int(0), "an integer >= 0"),
+    "eval.batch_size": (_int(1), "a positive integer"),
+    "eval.chunk_size": (_int(1), "a positive integer"),
+    "eval.ema_index": (_int(0), "an integer >= 0"),
+    "eval.save_samples": (lambda v: isinstance(v, bool), "True or False"),
 }
 
 
@@ -86,57 +135,248 @@ def _lookup(config, key):
     return config
 
 
-def validate_config(config, *, num_devices: int | None = None) -> None:
-    """One clear message per bad key (names, types, ranges, divisibility), before anything runs.
-
-    num_devices (of every process) adds the check that the global batch splits evenly over the
-    devices and the micro-batches, and that the FSDP group size divides the device count.
-    """
-    t, d = config.training, config.data
-    problems = [
+def _rule_problems(config, rules) -> list[str]:
+    return [
         f"{key}={_lookup(config, key)!r}: must be {need}"
-        for key, (ok, need) in _RULES.items()
+        for key, (ok, need) in rules.items()
         if not ok(_lookup(config, key))
     ]
-    bad = {p.split("=")[0] for p in problems}
-    if t.loss not in methods.LOSSES:
-        problems.append(f"training.loss: unknown {t.loss!r}; choose one of {methods.LOSSES}")
-    if d.name not in data.DATASETS:
-        problems.append(f"data.name: unknown {d.name!r}; choose one of {data.DATASETS}")
-    if config.model.name not in networks.MODELS:
-        problems.append(f"model.name: unknown {config.model.name!r}; choose {networks.MODELS}")
+
+
+def noise_grid(config) -> NoiseGrid:
+    m = config.model
+    return NoiseGrid(sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho)
+
+
+def _training_problems(config, bad: set[str], num_devices: int | None) -> list[str]:
+    t = config.training
+    out = []
     for key in ("log_every", "snapshot_every", "num_steps"):
         if "training.n_jitted_steps" in bad or not _int(1)(t[key]) or t[key] % t.n_jitted_steps:
-            problems.append(
+            out.append(
                 f"training.{key}={t[key]} must be a positive multiple of training.n_jitted_steps"
                 f"={t.n_jitted_steps}"
             )
-    if not bad & {"model.sigma_min", "model.sigma_max"}:
-        if config.model.sigma_min >= config.model.sigma_max:
-            problems.append("model.sigma_min must be below model.sigma_max")
     if num_devices is not None and not bad & {"training.batch_size", "training.micro_batches"}:
         if t.batch_size % (num_devices * t.micro_batches):
-            problems.append(
+            out.append(
                 f"training.batch_size={t.batch_size} must be divisible by the device count "
                 f"({num_devices}) x training.micro_batches ({t.micro_batches}) = "
                 f"{num_devices * t.micro_batches}"
             )
     if num_devices is not None and "training.mesh_fsdp" not in bad and num_devices % t.mesh_fsdp:
-        problems.append(
-            f"training.mesh_fsdp={t.mesh_fsdp} must divide the device count ({num_devices})"
-        )
-    if t.loss in ("cd", "cd_continuous", "scd") and not t.teacher_checkpoint:
-        problems.append("training.teacher_checkpoint: CD needs the EDM teacher's checkpoint dir")
-    if t.teacher_checkpoint and not pathlib.Path(t.teacher_checkpoint).exists():
-        problems.append(f"training.teacher_checkpoint: no such path {t.teacher_checkpoint!r}")
-    if t.loss in ("sct", "scd") and (
-        config.model.parameterization != "trigflow" or config.model.logvar_features < 1
-    ):
-        problems.append(f"training.loss={t.loss!r} needs model.parameterization='trigflow' and "
-                        "model.logvar_features > 0 (the learned weighting)")  # fmt: skip
-    if t.init_from_teacher and not t.teacher_checkpoint:
-        problems.append("training.init_from_teacher needs training.teacher_checkpoint")
+        out.append(f"training.mesh_fsdp={t.mesh_fsdp} must divide the device count ({num_devices})")
+    return out
+
+
+def _sampling_problems(config) -> list[str]:
+    s, d, t = config.sampling, config.data, config.training
+    out = []
+    if d.class_conditional and s.class_label >= d.num_classes:
+        out.append(f"sampling.class_label={s.class_label}: must be < data.num_classes "
+                   f"({d.num_classes}), or -1 for random labels")  # fmt: skip
+    if s.ema_index >= len(t.ema_rates):
+        out.append(f"sampling.ema_index={s.ema_index}: the run keeps {len(t.ema_rates)} EMA "
+                   "copies (training.ema_rates)")  # fmt: skip
+    try:
+        sampler(config)
+    except ValueError as e:
+        out.append(str(e))
+    return out
+
+
+def _edit_problems(config) -> list[str]:
+    e, d = config.edit, config.data
+    out = _rule_problems(config, _EDIT_RULES)
+    if out:
+        return out
+    if methods.row(config.training.loss).samples_as != "consistency":
+        out.append(f"training.loss={config.training.loss!r}: --mode=edit needs a consistency "
+                   "model, not a diffusion teacher")  # fmt: skip
+    if e.task == "colorize" and d.num_channels != 3:
+        out.append(f"edit.task='colorize' needs RGB images, but data.num_channels={d.num_channels}")
+    if e.task == "superres" and d.image_size % e.patch_size:
+        out.append(f"edit.patch_size={e.patch_size} must divide data.image_size={d.image_size}")
+    if e.task == "stroke" and not 0 <= e.stroke_index < e.steps - 1:
+        out.append(f"edit.stroke_index={e.stroke_index} must lie in [0, edit.steps - 1)")
+    if not out:
+        try:
+            edit_sampler(config)
+        except ValueError as err:
+            out.append(str(err))
+    return out
+
+
+def _eval_problems(config, num_devices: int | None) -> list[str]:
+    e = config.eval
+    out = _rule_problems(config, _EVAL_RULES)
+    if not e.settings:
+        out.append("eval.settings is empty: give e.g. ('1',) or ('1', '0,22,39')")
+    for setting in e.settings:
+        try:
+            sampler(config, setting)
+        except ValueError as err:
+            out.append(str(err))
+    if num_devices is not None and "eval.batch_size" not in " ".join(out):
+        if e.batch_size % num_devices:
+            out.append(f"eval.batch_size={e.batch_size} must be divisible by the device count "
+                       f"({num_devices})")  # fmt: skip
+    return out
+
+
+def problems(config, *, mode: str = "train", num_devices: int | None = None) -> list[str]:
+    """Every bad key that `mode` would read, one line each (no file system access)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    out = _rule_problems(config, _RULES)
+    bad = {p.split("=")[0] for p in out}
+    t, m = config.training, config.model
+    if not bad & {"model.sigma_min", "model.sigma_max"} and m.sigma_min >= m.sigma_max:
+        out.append("model.sigma_min must be below model.sigma_max")
     if not t.ema_rates or any(not _num(0, 1, high_open=True)(r) for r in t.ema_rates):
-        problems.append(f"training.ema_rates={t.ema_rates}: give rates in [0, 1)")
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        out.append(f"training.ema_rates={t.ema_rates}: give rates in [0, 1)")
+    out += methods.problems(config)
+    if mode == "train":
+        out += _training_problems(config, bad, num_devices)
+    if out:  # the checks below build specs from the keys above
+        return out
+    out += _sampling_problems(config)
+    if mode == "edit":
+        out += _edit_problems(config)
+    if mode == "eval":
+        out += _eval_problems(config, num_devices)
+    return out
+
+
+def validate(config, *, mode: str = "train", num_devices: int | None = None) -> None:
+    """Raise ConfigError naming every bad key `mode` reads, before anything runs.
+
+    num_devices (of every process) adds the check that the global batch splits evenly over the
+    devices and the micro-batches, and that the FSDP group size divides the device count.
+    """
+    found = problems(config, mode=mode, num_devices=num_devices)
+    if found:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(found))
+
+
+_LPIPS_FILES = {
+    "lpips_vgg": "the torchvision VGG16 state dict (vgg16-397923af.pth)",
+    "lpips_lin": "the LPIPS v0.1 heads (lpips weights/v0.1/vgg.pth)",
+}
+
+
+def _file(path: str, key: str, what: str) -> list[str]:
+    if not path:
+        return [f"{key}: give {what}"]
+    if not pathlib.Path(path).exists():
+        return [f"{key}: no such path {path!r}"]
+    return []
+
+
+def check_paths(config, *, mode: str = "train") -> None:
+    """Raise ConfigError for every input file the mode needs (set on the command line: the
+    experiment files leave teachers and weights empty) and cannot find."""
+    t, e = config.training, config.eval
+    out = []
+    if mode == "train":
+        if methods.row(t.loss).needs_teacher or t.init_from_teacher or t.teacher_checkpoint:
+            why = f"the teacher's checkpoint dir (training.loss={t.loss!r}" + (
+                ", training.init_from_teacher)" if t.init_from_teacher else ")"
+            )
+            out += _file(t.teacher_checkpoint, "training.teacher_checkpoint", why)
+        if t.distance == "lpips":
+            for key, what in _LPIPS_FILES.items():
+                out += _file(t[key], f"training.{key}", what + " for training.distance='lpips'")
+    if mode == "eval" and e.features == "inception":
+        what = "pytorch-fid's pt_inception-2015-12-05-6726825d.pth for eval.features='inception'"
+        out += _file(e.inception_path, "eval.inception_path", what)
+    if mode == "edit" and config.edit.task != "interpolate":
+        what = "a folder of PNGs or an .npz (arr_0 uint8 NHWC)"
+        out += _file(config.edit.input, "edit.input", what)
+    if out:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(out))
+
+
+def validate_config(config, *, num_devices: int | None = None) -> None:
+    """The training run's checks: validate(mode='train') and check_paths."""
+    validate(config, mode="train", num_devices=num_devices)
+    check_paths(config, mode="train")
+
+
+def _progressive_steps(config) -> int:
+    """A PD student's step count at the end of its run: N(training.num_steps)."""
+    method = methods.from_config(config)
+    return int(method.schedule(np.int32(config.training.num_steps))[1])
+
+
+def sampler(config, setting: str | None = None) -> SamplerSpec:
+    """The sampler of sampling.* or of one eval setting, for the configured method.
+
+    Consistency models: "1" is one step from sigma_max, "i0,i1,...,N-1" indices ts on the
+    sampling.steps grid (Algorithm 1), "sigma=80,0.821" explicit noise levels. EDM teachers:
+    "N" is Heun on an N-point grid; PD students: "N" Euler steps. Without a setting:
+    sampling.sigmas, else sampling.ts, else one step (teachers: sampling.teacher_steps; PD: its
+    last stage's N).
+    """
+    s = config.sampling
+    kind = methods.row(config.training.loss).samples_as
+    clip = s.clip_denoised
+    if kind in ("diffusion", "progressive"):
+        name = "heun" if kind == "diffusion" else "progressive"
+        if setting is None:
+            steps = s.teacher_steps if kind == "diffusion" else _progressive_steps(config)
+            return SamplerSpec(kind=name, sigmas=(), steps=steps, clip_denoised=clip)
+        what = "Heun grid size" if kind == "diffusion" else "Euler steps"
+        if not setting.isdigit() or int(setting) < (2 if kind == "diffusion" else 1):
+            raise ValueError(
+                f"eval.settings: training.loss={config.training.loss!r} takes 'N' ({what}), "
+                f"not {setting!r}"
+            )
+        return SamplerSpec(kind=name, sigmas=(), steps=int(setting), clip_denoised=clip)
+    if setting is None:
+        sigmas, ts, steps = tuple(s.sigmas), tuple(s.ts), s.steps
+    else:
+        explicit = setting.startswith("sigma=")
+        parse = float if explicit else int
+        try:
+            values = [parse(v) for v in setting.removeprefix("sigma=").split(",")]
+        except ValueError:
+            values = []
+        if not values or (not explicit and values != [1] and len(values) < 2):
+            raise ValueError(
+                f"eval.settings: give '1', 'i0,...,N-1' or 'sigma=s0,...', not {setting!r}"
+            )
+        sigmas = tuple(values) if explicit else ()
+        ts, steps = (() if explicit or values == [1] else tuple(values)), s.steps
+    return SamplerSpec(kind="consistency", sigmas=_sigmas(config, sigmas, ts, steps, "sampling"),
+                       clip_denoised=clip)  # fmt: skip
+
+
+def _sigmas(config, sigmas, ts, steps, section: str) -> tuple[float, ...]:
+    """Evaluation sigmas: explicit ones, indices ts of a steps-point grid, or one step."""
+    grid = noise_grid(config)
+    try:
+        if sigmas:
+            out = np.asarray(sigmas, np.float32)
+            samplers.validate_sigmas(out, sigma_min=grid.sigma_min, sigma_max=grid.sigma_max)
+        elif ts:
+            out = samplers.index_sigmas(ts, steps, **grid.kwargs())
+        else:
+            out = np.asarray([grid.sigma_max], np.float32)
+    except ValueError as e:
+        raise ValueError(f"{section}.{'sigmas' if sigmas else 'ts'}: {e}") from None
+    return tuple(float(v) for v in out)
+
+
+def edit_sampler(config) -> SamplerSpec:
+    """Algorithm 4's levels: indices edit.ts of an edit.steps grid; by default a few even steps
+    (stroke guidance starts at edit.stroke_index, SDEdit's starting noise, the others at 0)."""
+    e = config.edit
+    ts = tuple(e.ts)
+    if not ts:
+        start = e.stroke_index if e.task == "stroke" else 0
+        grid = np.linspace(start, e.steps - 1, DEFAULT_EDIT_EVALUATIONS + 1)
+        ts = tuple(int(t) for t in np.unique(np.round(grid)))
+    sigmas = _sigmas(config, (), ts, e.steps, "edit")
+    return SamplerSpec(kind="consistency", sigmas=sigmas,
+                       clip_denoised=config.sampling.clip_denoised)  # fmt: skip

@@ -1,6 +1,5 @@
 """--mode=train: train_and_evaluate (resume, log, checkpoint, snapshot), the training loop."""
 
-import functools
 import json
 import pathlib
 import time
@@ -10,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from consistency.experiment import methods, networks, sample, spec, train_state, update
+from consistency.experiment import networks, sample, spec, train_state, update
 from consistency.experiment.train_state import TrainState
 from consistency.io import checkpoints, data, image_io, preemption, sharding
 
@@ -150,11 +149,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> TrainState:
     template = update.abstract_state(config, network, tx, mesh)
     state = _restore_or_init(config, network, tx, mesh, teacher, checkpointer, meta, template)
     step = int(state.step)
-    make_loss = functools.partial(methods.loss_fn, config, network)
     shardings = jax.tree.map(lambda a: a.sharding, template)
-    train_step = update.make_train_step(
-        config, network, tx, make_loss, mesh, state_shardings=shardings
-    )
+    train_step = update.train_step_for(config, network, tx, mesh, state_shardings=shardings)
     sample_fn = sample.make_sample_fn(config, network)
     batches = _batches(config, mesh, step)
     writer = _tensorboard(workdir) if lead else None
@@ -211,3 +207,6 @@ def _tensorboard(workdir: pathlib.Path):
     from tensorboardX import SummaryWriter
 
     return SummaryWriter(str(workdir / "tensorboard"))
+
+
+run = train_and_evaluate  # main.py's entry point of this mode

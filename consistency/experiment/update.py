@@ -1,19 +1,34 @@
 """The jitted train step: per-example loss -> gradients -> optimiser, target and EMA updates."""
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from consistency.experiment import methods, train_state
+from consistency.core.schedules import NoiseGrid
+from consistency.experiment import methods, networks, train_state
 from consistency.experiment.train_state import TrainState, apply_gradients
 from consistency.io import sharding
 
 
-def _quartile_losses(per_example, sigma, config) -> dict:
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the train step needs beyond the method: EMA, micro-batches, logging axis, lr."""
+
+    ema_rates: tuple[float, ...] = (0.9999,)
+    ema_warmup: bool = False  # rate min(rate, (1 + k)/(10 + k)) at step k
+    micro_batches: int = 1
+    grid: NoiseGrid = NoiseGrid()  # the noise axis of the loss quartiles
+    lr: float = 4e-4  # for the logged learning rate
+    warmup_steps: int = 0
+
+
+def _quartile_losses(per_example, sigma, grid: NoiseGrid) -> dict:
     """Mean loss in each quarter of the rho-warped noise axis (index i/(N-1) on a Karras grid)."""
-    m = config.model
-    lo, hi = m.sigma_max ** (1 / m.rho), m.sigma_min ** (1 / m.rho)
-    u = jnp.clip((sigma ** (1 / m.rho) - lo) / (hi - lo), 0.0, 1.0)
+    lo, hi = grid.sigma_max ** (1 / grid.rho), grid.sigma_min ** (1 / grid.rho)
+    u = jnp.clip((sigma ** (1 / grid.rho) - lo) / (hi - lo), 0.0, 1.0)
     q = jnp.minimum(jnp.floor(4 * u), 3)
     out = {}
     for k in range(4):
@@ -28,50 +43,64 @@ def scan_loops() -> bool:
     return jax.default_backend() != "cpu"
 
 
-def make_train_step(config, network, tx, make_loss, mesh, *, state_shardings=None):
+def restart_stage(state: TrainState, restart: jax.Array, tx) -> TrainState:
+    """Where `restart`: params = target = the first EMA copy, and a fresh optimiser (PD stages)."""
+    new = state.ema_params[0]
+
+    def pick(a, b):
+        return jax.tree.map(lambda x, y: jnp.where(restart, x, y), a, b)
+
+    return state.replace(
+        params=pick(new, state.params), target_params=pick(new, state.target_params),
+        opt_state=pick(tx.init(new), state.opt_state),
+    )  # fmt: skip
+
+
+def make_train_step(
+    spec: StepSpec, method: methods.Method, fns: methods.ModelFns, tx, mesh, state_shardings
+):
     """jitted (state, batches [n, B, ...], teacher_params, distance, key) -> (state, metrics),
     state donated.
 
-    n = training.n_jitted_steps optimiser steps fused (lax.scan on accelerators); each step's
-    randomness is fold_in(key, step) and its curriculum (N(k), mu(k)) a traced function of it.
-    The loss is make_loss(distance), built inside: the distance (networks.distance_fn, a pytree
-    holding LPIPS's frozen params) is an argument, so its weights are buffers, not constants.
-    The state is sharded as state_sharding() (FSDP over the mesh's fsdp axis; pass it if known),
-    the batch over every device; metrics['finite'] says whether every fused step's loss and
-    gradient were finite (the parameters are checked again before each save).
+    n fused optimiser steps (lax.scan on accelerators); each step's randomness is
+    fold_in(key, step) and its curriculum (N(k), mu(k)) a traced function of it. The method's
+    loss gets the distance as an argument (networks.distance_fn, a pytree holding LPIPS's frozen
+    params), so its weights are buffers, not constants. The state is sharded as
+    state_shardings (state_sharding(): FSDP over the mesh's fsdp axis), the batch over every
+    device; metrics['finite'] says whether every fused step's loss and gradient were finite (the
+    parameters are checked again before each save).
     """
-    t = config.training
-    schedule = methods.schedule_fn(config)
-    ema_rates = tuple(t.ema_rates)
-    lr_fn = train_state.learning_rate(config)
+    lr_fn = train_state.learning_rate_schedule(spec.lr, spec.warmup_steps)
     scan = scan_loops()
     batches_sharding = sharding.stacked_batch_sharding(mesh)
 
     def one(state, batch, teacher_params, key, grad_fn):
+        restart = method.restarts(state.step)
+        if restart is not None:
+            state = restart_stage(state, restart, tx)
         step_key = jax.random.fold_in(key, state.step)
-        mu, num_scales = schedule(state.step)
+        mu, num_scales = method.schedule(state.step)
         value, grads, per, aux = grad_fn(
             state.params, state.target_params, teacher_params, batch, step_key, state.step
         )
         grad_norm = optax.tree.norm(grads)
-        rates = ema_rates
-        if t.ema_warmup:
-            rates = tuple(train_state.warmup_ema_rate(r, state.step) for r in ema_rates)
+        rates = spec.ema_rates
+        if spec.ema_warmup:
+            rates = tuple(train_state.warmup_ema_rate(r, state.step) for r in rates)
         new_state = apply_gradients(state, grads, tx, target_ema=mu, ema_rates=rates)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         metrics = dict(
             loss=value, grad_norm=grad_norm, lr=lr_fn(state.step),
             num_scales=num_scales.astype(jnp.float32), target_ema=mu, finite=finite,
-            **_quartile_losses(per, aux["sigma"], config),
+            **_quartile_losses(per, aux["sigma"], spec.grid),
             # Loss-specific diagnostics (ECT's r, sCM's logvar and tangent norm), batch means.
             **{k: jnp.mean(v) for k, v in aux.items() if k not in ("sigma", "index")},
         )  # fmt: skip
         return new_state, metrics
 
     def steps(state, batches, teacher_params, distance, key):
-        grad_fn = make_grad_fn(
-            make_loss(distance), t.micro_batches, scan=scan, part_sharding=batches_sharding
-        )
+        loss = functools.partial(method.loss, fns, distance)
+        grad_fn = make_grad_fn(loss, spec.micro_batches, scan=scan, part_sharding=batches_sharding)
         body = lambda st, b: one(st, b, teacher_params, key, grad_fn)  # noqa: E731
         n = jax.tree.leaves(batches)[0].shape[0]
         state, metrics = loop(body, state, batches, scan=scan and n > 1)
@@ -80,8 +109,6 @@ def make_train_step(config, network, tx, make_loss, mesh, *, state_shardings=Non
         metrics = jax.tree.map(lambda v: jnp.mean(v, axis=0), metrics)
         return state, dict(metrics, finite=finite)
 
-    if state_shardings is None:
-        state_shardings = state_sharding(config, network, tx, mesh)
     rep = sharding.replicated(mesh)
     return jax.jit(
         steps,
@@ -92,16 +119,44 @@ def make_train_step(config, network, tx, make_loss, mesh, *, state_shardings=Non
     )
 
 
+def step_spec(config) -> StepSpec:
+    """The configured StepSpec."""
+    t, m, o = config.training, config.model, config.optim
+    return StepSpec(
+        ema_rates=tuple(t.ema_rates), ema_warmup=t.ema_warmup, micro_batches=t.micro_batches,
+        grid=NoiseGrid(sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho),
+        lr=o.lr, warmup_steps=o.warmup_steps,
+    )  # fmt: skip
+
+
+def loss_for(config, network, distance):
+    """fn(params, target_params, teacher_params, batch, key, step) -> (per-example [B], metrics)
+    of the configured method on the configured network."""
+    fns = networks.model_fns(network, config)
+    return functools.partial(methods.from_config(config).loss, fns, distance)
+
+
+def train_step_for(config, network, tx, mesh, *, state_shardings=None):
+    """make_train_step of the configured method, network and step settings."""
+    if state_shardings is None:
+        state_shardings = state_sharding(config, network, tx, mesh)
+    return make_train_step(
+        step_spec(config), methods.from_config(config), networks.model_fns(network, config), tx,
+        mesh, state_shardings,
+    )  # fmt: skip
+
+
 def _create_fn(config, network, tx):
     """(key, teacher params or None) -> a fresh TrainState (the student copies the teacher)."""
     d, t = config.data, config.training
     x = jnp.zeros((1, d.image_size, d.image_size, d.num_channels), jnp.float32)
     y = jnp.zeros((1,), jnp.int32)
-    with_target = t.loss != "edm" and not methods.online_target(config)
+    with_target = methods.from_config(config).keeps_target
+    num_ema = len(t.ema_rates)
 
     def create(key, teacher):
         params = teacher if teacher is not None else network.init(key, x, y)
-        return TrainState.create(params, tx, num_ema=len(t.ema_rates), with_target=with_target)
+        return TrainState.create(params, tx, num_ema=num_ema, with_target=with_target)
 
     return create
 
