@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not installed
-from consistency.experiment import networks, train_state, update
+from consistency.experiment import methods, networks, train_state, update
 from consistency.io import sharding
 
 FLAGS = flags.FLAGS
@@ -28,8 +28,6 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_
 flags.DEFINE_integer("steps", 10, "Timed calls of the step, after 2 warm-up calls.")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device, for the MFU (0: no MFU).")
 flags.mark_flags_as_required(["config"])
-
-TEACHER_LOSSES = ("cd", "cd_continuous", "scd")
 
 
 def _batch(config, mesh):
@@ -73,7 +71,7 @@ def measure(config, steps: int, peak_tflops: float) -> dict:
     shardings = update.state_sharding(config, network, tx, mesh)
     state = update.init_state(config, network, tx, mesh, shardings=shardings)
     teacher = None
-    if t.loss in TEACHER_LOSSES:
+    if methods.row(t.loss).needs_teacher:
         teacher = jax.device_put(state.params, sharding.tree_sharding(mesh, state.params))
     distance = jax.device_put(networks.distance_fn(config), sharding.replicated(mesh))
     step = update.train_step_for(config, network, tx, mesh, state_shardings=shardings)

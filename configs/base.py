@@ -60,7 +60,7 @@ def _model() -> ml_collections.ConfigDict:
 
 def _training() -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
-    t.loss = "ct"  # edm | cd | ct (also iCT) | ect | cd_continuous | ct_continuous | sct | scd
+    t.loss = "ct"  # methods.py's rows: edm cd ct (iCT) pd ect cd/ct_continuous sct scd
     t.batch_size = 128  # global batch over all devices and hosts
     t.num_steps = 2000  # optimiser steps of the run
     t.n_jitted_steps = 1  # steps fused in one jitted call with lax.scan
@@ -78,12 +78,12 @@ def _training() -> ml_collections.ConfigDict:
     t.weighting = "uniform"  # uniform | snr | snr+1 | karras | truncated-snr | ict (1/(t - t2))
     t.solver = "heun"  # CD teacher ODE step: heun | euler
     t.target_ema_mode = "fixed"  # fixed | adaptive (mu(k))
-    t.scale_mode = "fixed"  # fixed | progressive (N(k)) | progdist | exponential (iCT N(k))
+    t.scale_mode = "fixed"  # fixed | progressive (N(k)) | exponential (iCT N(k)); PD: progdist
     t.start_ema = 0.95  # mu (fixed) or mu0 (adaptive)
-    t.start_scales = 40  # N (fixed) or s0 (progressive)
+    t.start_scales = 40  # N (fixed) or s0 (progressive); pd: the first stage's student steps
     t.end_scales = 40  # s1 (progressive)
     t.total_steps = -1  # K of N(k); -1 = num_steps
-    t.distill_steps_per_iter = 50000  # progdist stage length
+    t.distill_steps_per_iter = 50000  # pd: steps per stage (N halves after each)
     t.index_sampling = "uniform"  # CD/CT grid-pair index: uniform | lognormal (iCT)
     t.p_mean = -1.1  # iCT indices, ECT t, sCM sd tan t: ln ~ N(p_mean, p_std^2) (not EDM's)
     t.p_std = 2.0  # see p_mean

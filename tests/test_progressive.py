@@ -9,7 +9,10 @@ import pytest
 from consistency.core.distances import l2
 from consistency.core.losses import progressive_distillation_loss
 from consistency.core.parameterization import get_weighting
-from consistency.core.schedules import progdist_sigmas
+from consistency.core.samplers import SamplerSpec
+from consistency.core.schedules import NoiseGrid, progdist_sigmas
+from consistency.experiment import methods, networks, sample, spec, train_state, update
+from consistency.io import sharding
 
 SMIN, SMAX, RHO = 0.002, 80.0, 7.0
 SHAPE = (4, 3, 2)  # per-example shape
@@ -234,3 +237,88 @@ def test_per_example_check_rejects_an_unreduced_distance():
             lambda p, x, t, k: x, None, lambda x, t: 0 * x, x0, jax.random.PRNGKey(0),
             num_scales=2, distance=per_pixel, weighting=UNIFORM,
         )  # fmt: skip
+
+
+# ---- the method row: stages restart from the EMA, the sampler, the configuration ----
+
+
+def _pd_config():
+    from configs import test as test_config
+
+    config = test_config.get_config()
+    config.model.unet.update(channels=4, channel_mult=(1,), attn_resolutions=())
+    config.training.update(
+        loss="pd", weighting="truncated-snr", start_scales=4, distill_steps_per_iter=2,
+        init_from_teacher=True, ema_rates=(0.5,),
+    )  # fmt: skip
+    config.optim.update(optimizer="adam", lr=1e-3)
+    return config
+
+
+def test_pd_schedule_halves_the_student_steps_and_restarts_each_stage():
+    method = methods.from_config(_pd_config())
+    steps = jnp.arange(10)
+    num = [int(method.schedule(s)[1]) for s in steps]
+    # 4 steps, then 2 (the last halving comes after log2(4) - 1 = 1 stage and lasts twice as
+    # long), then 1.
+    assert num == [4, 4, 2, 2, 2, 2, 1, 1, 1, 1]
+    restarts = [bool(method.restarts(s)) for s in steps]
+    assert restarts == [False, False, True, False, False, False, True, False, False, False]
+    assert method.keeps_target and method.needs_teacher and method.samples_as == "progressive"
+
+
+def test_pd_trains_against_the_frozen_teacher_and_restarts_from_the_ema():
+    config = _pd_config()
+    mesh = sharding.make_mesh(1, jax.devices()[:1])
+    network, tx = networks.build_network(config), train_state.optimizer(config)
+    teacher = network.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), int))
+    state = update.init_state(config, network, tx, mesh, teacher)
+    step = update.train_step_for(config, network, tx, mesh)
+    distance = networks.distance_fn(config)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (1, 16, 8, 8, 1)).astype(np.float32),
+             "label": np.zeros((1, 16), np.int32)}  # fmt: skip
+
+    def leaves(tree):
+        return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
+
+    for k in range(3):
+        before = jax.device_get(state)
+        state, metrics = step(state, batch, None, distance, jax.random.key(2))
+        assert bool(metrics["finite"]) and int(metrics["num_scales"]) == (4 if k < 2 else 2)
+        if k < 2:  # the first stage's teacher is the EDM teacher, never updated (mu = 1)
+            assert same(state.target_params, teacher) and not same(state.params, teacher)
+        else:  # step 2 starts stage 2: params = target = the EMA, the optimiser starts afresh
+            assert same(state.target_params, before.ema_params[0])
+            assert not same(state.target_params, teacher)
+            counts = [x for x in leaves(state.opt_state) if x.dtype == np.int32]
+            assert counts and all(int(c) == 1 for c in counts)
+
+
+def test_pd_sampler_takes_n_euler_steps_on_its_ramp():
+    # A point-mass denoiser D = c makes every Euler step exact: the sample is c wherever it starts.
+    c = 0.3
+    fns = methods.ModelFns(
+        consistency=None, denoiser=lambda p, x, s, y, k: jnp.full_like(x, c), raw=None
+    )
+    for n in (1, 2, 4):
+        sampler = SamplerSpec(kind="progressive", sigmas=(), steps=n)
+        fn = sample.make_sampler(fns, sampler, NoiseGrid(), (4, 4, 1))
+        images = fn(None, jax.random.key(0), jnp.arange(3), jnp.zeros((3,), jnp.int32))
+        np.testing.assert_allclose(images, c, atol=1e-5)
+    config = _pd_config()
+    config.training.num_steps = 10
+    assert spec.sampler(config) == SamplerSpec(kind="progressive", sigmas=(), steps=1)
+    assert spec.sampler(config, "2").steps == 2
+    with pytest.raises(ValueError, match="takes 'N' \\(Euler steps\\)"):
+        spec.sampler(config, "0,22,39")
+
+
+def test_progdist_curriculum_belongs_to_pd_only():
+    config = _pd_config()
+    config.training.update(loss="ct", scale_mode="progdist", target_ema_mode="fixed")
+    found = spec.problems(config)
+    assert any("use training.loss='pd'" in p for p in found), found

@@ -19,7 +19,7 @@ import pytest
 
 from consistency.core import losses
 from consistency.core.parameterization import get_weighting
-from consistency.experiment import networks, spec, train_state, update
+from consistency.experiment import methods, networks, spec, train_state, update
 from consistency.io import data, sharding
 from consistency.models.unet import sinusoidal_embedding
 
@@ -82,7 +82,7 @@ def test_variant_learns_on_digits(name, digits):
     tx = train_state.optimizer(config)
     state = update.init_state(config, network, tx, mesh)
     teacher = None
-    if config.training.loss in ("cd_continuous", "scd"):
+    if methods.row(config.training.loss).needs_teacher:
         teacher = network.init(jax.random.key(7), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), int))
     step = update.train_step_for(config, network, tx, mesh)
     distance = networks.distance_fn(config)

@@ -1,4 +1,4 @@
-"""LPIPS as training distance: weights from the configured files, a jit argument, grey -> RGB."""
+"""The network builder and the configured distances (LPIPS inside the jitted step)."""
 
 import jax
 import jax.numpy as jnp
