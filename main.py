@@ -16,16 +16,20 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum(
-    "mode", "train", list(MODES),
+    "mode",
+    "train",
+    list(MODES),
     "train: train (resuming); sample: write samples; edit: --config.edit.* zero-shot edits; "
     "eval: FID etc. of --config.eval.* checkpoints and settings (resumable).",
-)  # fmt: skip
+)
 flags.DEFINE_enum(
-    "distributed", "auto", ("auto", "on", "off"),
+    "distributed",
+    "auto",
+    ("auto", "on", "off"),
     "Multi-host jax.distributed.initialize. auto: when --coordinator_address, --num_processes or "
     "--process_id (or JAX_COORDINATOR_ADDRESS) is given, or a SLURM, Open MPI or multi-host TPU "
     "job is detected (JAX then finds the values); on: always; off: never.",
-)  # fmt: skip
+)
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.")
@@ -37,9 +41,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     sharding.initialize_distributed(
-        FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-    )  # fmt: skip
+        FLAGS.distributed,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
     try:  # a bad config: one line per key, not a traceback, before anything runs
         spec.validate(FLAGS.config, mode=FLAGS.mode, num_devices=jax.device_count())
         spec.check_paths(FLAGS.config, mode=FLAGS.mode)

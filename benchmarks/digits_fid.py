@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not installed
-from configs import _digits  # noqa: E402
+from configs import _digits
 from consistency.experiment import evaluate
 from consistency.io import sharding
 from consistency.measure import digits
@@ -33,12 +33,16 @@ def main() -> None:
     }
     results = {name: evaluate.score(f, reference, kind="digits") for name, f in rows.items()}
     print(f"classifier {digits.cache_path(args.cache).name}: load/train {train_s:.1f} s")
-    print(f"accuracy: train {digits.accuracy(params, 'train'):.4f}  "
-          f"test {digits.accuracy(params, 'test'):.4f}")  # fmt: skip
+    print(
+        f"accuracy: train {digits.accuracy(params, 'train'):.4f}  "
+        f"test {digits.accuracy(params, 'test'):.4f}"
+    )
     print(f"{'set':<30} {'FID':>8} {'IS':>6} {'prec':>6} {'recall':>6} {'KID':>8}")
     for name, m in results.items():
-        print(f"{name:<30} {m['fid']:>8.2f} {m['is']:>6.2f} {m['precision']:>6.3f} "
-              f"{m['recall']:>6.3f} {m['kid']:>8.2f}")  # fmt: skip
+        print(
+            f"{name:<30} {m['fid']:>8.2f} {m['is']:>6.2f} {m['precision']:>6.3f} "
+            f"{m['recall']:>6.3f} {m['kid']:>8.2f}"
+        )
     print(json.dumps(results))
 
 

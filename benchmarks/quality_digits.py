@@ -91,8 +91,9 @@ def floor(root: pathlib.Path) -> dict:
     reference = evaluate.reference_statistics(
         evaluate.split_features(config, "train", extract, mesh)
     )
-    return evaluate.score(evaluate.split_features(config, "test", extract, mesh), reference,
-                         kind="digits")  # fmt: skip
+    return evaluate.score(
+        evaluate.split_features(config, "test", extract, mesh), reference, kind="digits"
+    )
 
 
 def _commit() -> str:
@@ -123,8 +124,9 @@ def _targets(fid: dict) -> list[str]:
             got = fid.get((run, setting))
             if teacher and got:
                 ok = "met" if got <= factor * teacher else "not met"
-                out.append(f"{run} {setting}-step FID {got:.2f} <= {factor} x teacher "
-                           f"{teacher:.2f}: {ok}")  # fmt: skip
+                out.append(
+                    f"{run} {setting}-step FID {got:.2f} <= {factor} x teacher {teacher:.2f}: {ok}"
+                )
     one, two = fid.get(("ct", "1")), fid.get(("ct", "0,22,40"))
     if one and two:
         ok = "met" if two < one else "not met"
@@ -135,11 +137,17 @@ def _targets(fid: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="runs/quality_digits", help="workdirs of the runs")
-    parser.add_argument("--runs", default=",".join(DEFAULT_RUNS),
-                        help=f"comma-separated, or 'all'; from {tuple(RUNS)}")  # fmt: skip
+    parser.add_argument(
+        "--runs",
+        default=",".join(DEFAULT_RUNS),
+        help=f"comma-separated, or 'all'; from {tuple(RUNS)}",
+    )
     parser.add_argument("--steps_scale", type=float, default=1.0, help="x each run's steps")
-    parser.add_argument("--steps", default="", help="per-run step counts, e.g. ect=2000,ict=500 "
-                        "(overrides --steps_scale for those runs)")  # fmt: skip
+    parser.add_argument(
+        "--steps",
+        default="",
+        help="per-run step counts, e.g. ect=2000,ict=500 (overrides --steps_scale for those runs)",
+    )
     parser.add_argument("--num_samples", type=int, default=5000, help="samples per setting")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -180,8 +188,17 @@ def main() -> None:
         record = json.loads(latest.read_text())
         for setting, metrics in record["settings"].items():
             nfe = NFE.get(setting, len(setting.removeprefix("sigma=").split(",")))
-            rows.append(dict(run=name, setting=setting, nfe=nfe, metrics=metrics, steps=steps,
-                             train_s=train_s, eval_s=eval_s))  # fmt: skip
+            rows.append(
+                dict(
+                    run=name,
+                    setting=setting,
+                    nfe=nfe,
+                    metrics=metrics,
+                    steps=steps,
+                    train_s=train_s,
+                    eval_s=eval_s,
+                )
+            )
             fid[(name, setting)] = metrics["fid"]
     base = floor(root)
     lines = _table(rows, base["fid"])
@@ -201,8 +218,19 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"quality_digits_{today}_{commit}.md").write_text("\n".join(report) + "\n")
-    print(json.dumps({"date": today, "commit": commit, "total_s": total, "floor": base,
-                      "rows": rows, "commands": commands, "targets": goals}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "date": today,
+                "commit": commit,
+                "total_s": total,
+                "floor": base,
+                "rows": rows,
+                "commands": commands,
+                "targets": goals,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,9 @@ def make_mixture(dim: int) -> Mixture:
         means = 0.7 * np.stack([np.cos(angle), np.sin(angle)], axis=1)
         return Mixture(np.linspace(1.0, 2.0, 8) / 12.0, means, 0.05 + 0.05 * (np.arange(8) % 2))
     rng = np.random.default_rng(dim)
-    return Mixture(rng.dirichlet(np.full(12, 5.0)), rng.normal(0, 0.45, (12, dim)),
-                   rng.uniform(0.05, 0.15, 12))  # fmt: skip
+    return Mixture(
+        rng.dirichlet(np.full(12, 5.0)), rng.normal(0, 0.45, (12, dim)), rng.uniform(0.05, 0.15, 12)
+    )
 
 
 def sample_mixture(mix: Mixture, key: jax.Array, n: int) -> jax.Array:
@@ -126,7 +127,7 @@ def median_bandwidth(a) -> float:
 def mmd2_unbiased(a, b, *, bandwidth: float) -> float:
     """MMD_u^2, k = exp(-|x-y|^2/(2 h^2)): off-diagonal means of k_aa and k_bb, - 2 mean k_ab."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    k = lambda u, v: np.exp(-_sq_dists(u, v) / (2 * bandwidth**2))  # noqa: E731
+    k = lambda u, v: np.exp(-_sq_dists(u, v) / (2 * bandwidth**2))
     n, m = len(a), len(b)
     kaa, kbb = k(a, a), k(b, b)
     within = (kaa.sum() - np.trace(kaa)) / (n * (n - 1)) + (kbb.sum() - np.trace(kbb)) / (
@@ -171,8 +172,9 @@ class Reference:
 def heun_35(denoise, x_T: jax.Array) -> np.ndarray:
     """EDM's Heun sampler on the 18-point Karras grid (35 network evaluations) from x_T."""
     sigmas = schedules.karras_sigmas(18, append_zero=True)
-    return np.asarray(jax.jit(lambda x: ode.heun_sampler(denoise, x, sigmas,
-                                                         clip_denoised=False))(x_T))  # fmt: skip
+    return np.asarray(
+        jax.jit(lambda x: ode.heun_sampler(denoise, x, sigmas, clip_denoised=False))(x_T)
+    )
 
 
 def make_reference(dim: int, settings) -> tuple[Reference, dict, dict]:
@@ -196,9 +198,16 @@ def make_reference(dim: int, settings) -> tuple[Reference, dict, dict]:
     check = np.linspace(0, len(x_all) - 1, settings.n_check).astype(int)  # every sigma and x_T
     loose = exact_flow(mix, x_all[check], s_all[check], rtol=ODE_CHECK_RTOL)
     reference = Reference(
-        mix, ref, x_T, keys[4], x_eval, s_eval, f_all[: len(x_eval)],
-        median_bandwidth(ref[: settings.n_mmd]), settings.n_mmd,
-    )  # fmt: skip
+        mix,
+        ref,
+        x_T,
+        keys[4],
+        x_eval,
+        s_eval,
+        f_all[: len(x_eval)],
+        median_bandwidth(ref[: settings.n_mmd]),
+        settings.n_mmd,
+    )
     baselines = {
         "true (second set)": np.asarray(sample_mixture(mix, keys[5], settings.n_samples)),
         "exact ODE f*(80 z)": f_all[len(x_eval) :],
@@ -217,7 +226,7 @@ def make_scorer(cm, r: Reference):
 
     @jax.jit
     def outputs(params):
-        fn = lambda x, s: cm(params, x, s)  # noqa: E731
+        fn = lambda x, s: cm(params, x, s)
         return fn(jnp.asarray(r.x_eval), jnp.asarray(r.s_eval)), sample_sets(
             fn, r.x_T, r.renoise_key
         )

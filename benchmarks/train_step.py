@@ -116,7 +116,7 @@ def measure(config, steps: int, peak_tflops: float) -> dict:
 def _table(result: dict) -> str:
     rows = [(k, v) for k, v in result.items() if k != "memory_bytes"]
     rows += [(f"memory {k} (MiB)", v / 2**20) for k, v in result["memory_bytes"].items()]
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {fmt(v)}" for k, v in rows)
 

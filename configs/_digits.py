@@ -7,8 +7,9 @@ def digits():
     config = base.get_config()
     config.data.update(name="digits", image_size=8, num_channels=1, random_flip=False)
     config.model.name = "unet"
-    config.model.unet.update(channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                             attn_resolutions=(4,))  # fmt: skip
+    config.model.unet.update(
+        channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)
+    )
     config.training.update(batch_size=128, log_every=100, snapshot_every=1000)
     # Runs of 500-2000 steps: with the warm-up the EMA forgets the initialisation (0.999^1000
     # would still weigh it 37%; for CD that is the teacher, whose one-step samples are blurs).
@@ -16,6 +17,12 @@ def digits():
     config.optim.update(optimizer="radam", lr=4e-4)
     config.sampling.update(grid_size=64, batch_size=256, num_samples=1024)
     # Digits FID: the digits classifier's features, reference = all 1,437 'train' images.
-    config.eval.update(features="digits", num_samples=10000, reference_split="train",
-                       reference_limit=0, batch_size=256, chunk_size=2000)  # fmt: skip
+    config.eval.update(
+        features="digits",
+        num_samples=10000,
+        reference_split="train",
+        reference_limit=0,
+        batch_size=256,
+        chunk_size=2000,
+    )
     return config

@@ -23,16 +23,24 @@ def cifar10(config):
 def imagenet64(config):
     """ImageNet 64x64 (tfds imagenet_resized/64x64), class-conditional ADM (cm launch.sh)."""
     config.data.update(
-        name="imagenet64", image_size=64, num_channels=3, random_flip=True,
-        class_conditional=True, num_classes=1000,
-    )  # fmt: skip
+        name="imagenet64",
+        image_size=64,
+        num_channels=3,
+        random_flip=True,
+        class_conditional=True,
+        num_classes=1000,
+    )
     config.model.name = "adm"
     config.model.dtype = "bfloat16"  # the references train in fp16 with fp32 master weights
     config.model.adm.update(
-        model_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
-        attention_resolutions=(32, 16, 8), num_head_channels=64, use_scale_shift_norm=True,
+        model_channels=192,
+        channel_mult=(1, 2, 3, 4),
+        num_res_blocks=3,
+        attention_resolutions=(32, 16, 8),
+        num_head_channels=64,
+        use_scale_shift_norm=True,
         resblock_updown=True,
-    )  # fmt: skip
+    )
     config.training.batch_size = 2048
     config.training.ema_rates = IMAGENET_EMA
     config.training.snapshot_every = 10000
@@ -48,10 +56,14 @@ def lsun256(config, name="lsun_bedroom", folder=""):
     config.model.name = "adm"
     config.model.dtype = "bfloat16"
     config.model.adm.update(
-        model_channels=256, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-        attention_resolutions=(32, 16, 8), num_head_channels=64, use_scale_shift_norm=False,
+        model_channels=256,
+        channel_mult=(1, 1, 2, 2, 4, 4),
+        num_res_blocks=2,
+        attention_resolutions=(32, 16, 8),
+        num_head_channels=64,
+        use_scale_shift_norm=False,
         resblock_updown=True,
-    )  # fmt: skip
+    )
     config.training.batch_size = 256  # cm launch.sh (the paper's table recalls 2048)
     config.training.ema_rates = LSUN_EMA
     config.training.snapshot_every = 10000
@@ -67,10 +79,18 @@ def cd(config, metric: str, *, num_scales: int, target_ema: float, lr: float, st
     if metric not in ("l1", "l2", "lpips"):
         raise ValueError(f"unknown CD metric: {metric!r}; choose l1, l2 or lpips")
     config.training.update(
-        loss="cd", distance=metric, solver="heun", target_ema_mode="fixed", scale_mode="fixed",
-        start_scales=num_scales, end_scales=num_scales, start_ema=target_ema, num_steps=steps,
-        init_from_teacher=True, teacher_checkpoint="",
-    )  # fmt: skip
+        loss="cd",
+        distance=metric,
+        solver="heun",
+        target_ema_mode="fixed",
+        scale_mode="fixed",
+        start_scales=num_scales,
+        end_scales=num_scales,
+        start_ema=target_ema,
+        num_steps=steps,
+        init_from_teacher=True,
+        teacher_checkpoint="",
+    )
     config.optim.update(optimizer="radam", lr=lr, warmup_steps=0, grad_clip=0.0)
     return config
 
@@ -78,10 +98,18 @@ def cd(config, metric: str, *, num_scales: int, target_ema: float, lr: float, st
 def ct(config, *, end_scales: int, start_ema: float, lr: float, steps: int):
     """Consistency training: adaptive N(k) from 2 and mu(k) from mu0, LPIPS, from scratch."""
     config.training.update(
-        loss="ct", distance="lpips", solver="euler", target_ema_mode="adaptive",
-        scale_mode="progressive", start_scales=2, end_scales=end_scales, start_ema=start_ema,
-        num_steps=steps, total_steps=steps, init_from_teacher=False,
-    )  # fmt: skip
+        loss="ct",
+        distance="lpips",
+        solver="euler",
+        target_ema_mode="adaptive",
+        scale_mode="progressive",
+        start_scales=2,
+        end_scales=end_scales,
+        start_ema=start_ema,
+        num_steps=steps,
+        total_steps=steps,
+        init_from_teacher=False,
+    )
     config.optim.update(optimizer="radam", lr=lr, warmup_steps=0, grad_clip=0.0)
     return config
 

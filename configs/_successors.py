@@ -16,13 +16,22 @@ def ict(config, *, steps: int):
     """iCT (Song & Dhariwal 2023): CT with mu = 0, pseudo-Huber, lognormal pairs, 1/dt, N(k) x2."""
     config.training.update(
         loss="ct",
-        distance="pseudo_huber", huber_c=-1.0,  # c = 0.00054 sqrt(d): 0.0299 on CIFAR-10
+        distance="pseudo_huber",
+        huber_c=-1.0,  # c = 0.00054 sqrt(d): 0.0299 on CIFAR-10
         weighting="ict",  # lambda = 1/(sigma_{i+1} - sigma_i), iCT's increasing indices
-        index_sampling="lognormal", p_mean=-1.1, p_std=2.0,  # discretised lognormal pairs
-        target_ema_mode="fixed", start_ema=0.0,  # theta- = stopgrad(theta): no EMA teacher
-        scale_mode="exponential", start_scales=10, end_scales=1280,  # N = 11, 21, ..., 1281
-        num_steps=steps, total_steps=steps, init_from_teacher=False, teacher_checkpoint="",
-    )  # fmt: skip
+        index_sampling="lognormal",
+        p_mean=-1.1,
+        p_std=2.0,  # discretised lognormal pairs
+        target_ema_mode="fixed",
+        start_ema=0.0,  # theta- = stopgrad(theta): no EMA teacher
+        scale_mode="exponential",
+        start_scales=10,
+        end_scales=1280,  # N = 11, 21, ..., 1281
+        num_steps=steps,
+        total_steps=steps,
+        init_from_teacher=False,
+        teacher_checkpoint="",
+    )
     return config
 
 
@@ -30,13 +39,19 @@ def ect(config, *, q: float, huber_c: float, stage_steps: int, steps: int):
     """ECT (Geng et al. 2024, locuslab/ect loss.py): tune a diffusion model, dt shrinks by q."""
     config.training.update(
         loss="ect",
-        distance="pseudo_huber", huber_c=huber_c,  # sqrt(||d||^2 + c^2) - c
+        distance="pseudo_huber",
+        huber_c=huber_c,  # sqrt(||d||^2 + c^2) - c
         weighting="karras",  # 'snrpk': 1/t^2 + 1/sd^2
-        p_mean=-1.1, p_std=2.0,  # ln t ~ N(-1.1, 2^2)
-        ect_q=q, ect_k=8.0, ect_b=1.0,  # r = t (1 - (1 + 8 sigmoid(-t)) / q^(stage+1))
-        ect_stage_steps=stage_steps, num_steps=steps,
-        init_from_teacher=True, teacher_checkpoint="",  # --transfer from an EDM model
-    )  # fmt: skip
+        p_mean=-1.1,
+        p_std=2.0,  # ln t ~ N(-1.1, 2^2)
+        ect_q=q,
+        ect_k=8.0,
+        ect_b=1.0,  # r = t (1 - (1 + 8 sigmoid(-t)) / q^(stage+1))
+        ect_stage_steps=stage_steps,
+        num_steps=steps,
+        init_from_teacher=True,
+        teacher_checkpoint="",  # --transfer from an EDM model
+    )
     return config
 
 
@@ -46,10 +61,15 @@ def scm(config, kind: str, *, p_mean: float, p_std: float, steps: int):
         raise ValueError(f"unknown sCM variant: {kind!r}; choose sct or scd")
     trigflow(config)
     config.training.update(
-        loss=kind, p_mean=p_mean, p_std=p_std,  # ln(sd tan t) ~ N(P_mean, P_std^2)
-        scm_tangent_c=0.1, scm_warmup_steps=10000,  # g/(||g|| + 0.1); r: 0 -> 1 over 10k steps
-        num_steps=steps, init_from_teacher=True, teacher_checkpoint="",  # from the teacher's EMA
-    )  # fmt: skip
+        loss=kind,
+        p_mean=p_mean,
+        p_std=p_std,  # ln(sd tan t) ~ N(P_mean, P_std^2)
+        scm_tangent_c=0.1,
+        scm_warmup_steps=10000,  # g/(||g|| + 0.1); r: 0 -> 1 over 10k steps
+        num_steps=steps,
+        init_from_teacher=True,
+        teacher_checkpoint="",  # from the teacher's EMA
+    )
     config.sampling.update(sigmas=(config.model.sigma_max, SCM_MID_SIGMA))
     return config
 
@@ -72,8 +92,10 @@ def continuous(config, variant: str):
         loss="ct_continuous" if ct else "cd_continuous",
         distance="l2",  # jcm's continuous 'l2': the norm of the tangent
         continuous_stopgrad=ct or variant.endswith("stopgrad"),  # CT: dsm_target + stopgrad
-        weighting="uniform", init_from_teacher=True, teacher_checkpoint="",  # finetune=True
-    )  # fmt: skip
+        weighting="uniform",
+        init_from_teacher=True,
+        teacher_checkpoint="",  # finetune=True
+    )
     lr = 1e-3 if variant == "cd-l2" else 5e-6  # launch.sh: CD-l2 1e-3; stopgrad and CT 5e-6
     config.optim.update(optimizer="radam", lr=lr, warmup_steps=0, grad_clip=0.0)
     return config

@@ -14,8 +14,7 @@ VARIANTS = ("l1", "l2", "lpips")  # --config=FILE:ARG
 def get_config(metric: str = "lpips"):
     config = _paper.cifar10(_paper.new())
     # jcm CD has no target network (mu = 0: the target is stop_gradient of the online params).
-    _paper.cd(config, metric, num_scales=18, target_ema=0.0, lr=LR.get(metric, 4e-4),
-              steps=800000)  # fmt: skip
+    _paper.cd(config, metric, num_scales=18, target_ema=0.0, lr=LR.get(metric, 4e-4), steps=800000)
     config.sampling.update(steps=18, ts=())  # one step; (0, 11, 17) for two (notebook example)
     config.eval.settings = ("1", "0,11,17")
     return config

@@ -10,9 +10,16 @@ from configs import _digits
 def get_config():
     config = _digits.digits()
     config.training.update(
-        loss="ct", distance="l2", target_ema_mode="adaptive", scale_mode="progressive",
-        start_scales=2, end_scales=40, start_ema=0.9, num_steps=1200, total_steps=1200,
-    )  # fmt: skip
+        loss="ct",
+        distance="l2",
+        target_ema_mode="adaptive",
+        scale_mode="progressive",
+        start_scales=2,
+        end_scales=40,
+        start_ema=0.9,
+        num_steps=1200,
+        total_steps=1200,
+    )
     config.sampling.update(steps=41, ts=())
     config.eval.settings = ("1", "0,22,40")  # two steps: sigma 80, then 1.58
     return config

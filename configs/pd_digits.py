@@ -12,10 +12,15 @@ from configs import _digits
 def get_config():
     config = _digits.digits()
     config.training.update(
-        loss="pd", distance="l2", weighting="truncated-snr", start_scales=32,
-        distill_steps_per_iter=150, num_steps=1200, init_from_teacher=True,
+        loss="pd",
+        distance="l2",
+        weighting="truncated-snr",
+        start_scales=32,
+        distill_steps_per_iter=150,
+        num_steps=1200,
+        init_from_teacher=True,
         teacher_checkpoint="runs/edm_digits/checkpoints",
-    )  # fmt: skip
+    )
     # jcm's PD: Adam, gradient clipping at 1 (its lr 5e-5 with linear decay suits 50k-step stages).
     config.optim.update(optimizer="adam", lr=2e-4, grad_clip=1.0)
     config.eval.settings = ("1", "2")  # Euler steps of the student (its last stages: N = 2, 1)

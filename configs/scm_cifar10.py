@@ -29,6 +29,5 @@ def get_config(kind: str = "sct"):
     # Iterations are not stated for CIFAR-10; 400k as ImageNet-64 ([R]).
     _successors.scm(config, kind, p_mean=-1.0, p_std=1.4, steps=400000)
     config.model.dropout = 0.2 if kind == "sct" else 0.0
-    config.optim.update(optimizer="radam", lr=1e-4, beta1=0.9, beta2=0.99, eps=1e-8,
-                        warmup_steps=0)  # fmt: skip
+    config.optim.update(optimizer="radam", lr=1e-4, beta1=0.9, beta2=0.99, eps=1e-8, warmup_steps=0)
     return config

@@ -16,6 +16,5 @@ def get_config(kind: str = "sct"):
     config.model.dropout = 0.45 if kind == "sct" else 0.0  # sCT 45%, sCD 0% ...
     config.model.adm.dropout_resolution = 16  # ... at resolutions <= 16
     # lr 0.01 x the teacher's 1e-2 (size S); Adam beta2 0.99, eps 1e-11.
-    config.optim.update(optimizer="adam", lr=1e-4, beta1=0.9, beta2=0.99, eps=1e-11,
-                        warmup_steps=0)  # fmt: skip
+    config.optim.update(optimizer="adam", lr=1e-4, beta1=0.9, beta2=0.99, eps=1e-11, warmup_steps=0)
     return config

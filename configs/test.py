@@ -21,7 +21,13 @@ def get_config():
     config.sampling.grid_size = 4
     config.sampling.batch_size = 4
     config.sampling.num_samples = 6
-    config.eval.update(features="digits", num_samples=64, settings=("1", "0,22,39"),
-                       reference_limit=0, batch_size=32, chunk_size=32)  # fmt: skip
+    config.eval.update(
+        features="digits",
+        num_samples=64,
+        settings=("1", "0,22,39"),
+        reference_limit=0,
+        batch_size=32,
+        chunk_size=32,
+    )
     config.data.num_threads = 1
     return config

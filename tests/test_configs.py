@@ -114,9 +114,13 @@ def _reduce(config):
     # ADM's middle block always attends: downsample to 8x8 first.
     levels = int(np.log2(config.data.image_size // 8)) + 1
     config.model.adm.update(
-        model_channels=32, channel_mult=(1,) * levels, num_res_blocks=1, attention_resolutions=(),
-        num_head_channels=-1, num_heads=1,
-    )  # fmt: skip
+        model_channels=32,
+        channel_mult=(1,) * levels,
+        num_res_blocks=1,
+        attention_resolutions=(),
+        num_head_channels=-1,
+        num_heads=1,
+    )
     config.model.dtype = "float32"
     config.training.update(batch_size=8, num_steps=1, log_every=1, snapshot_every=1)
     if config.training.distance == "lpips":
@@ -191,7 +195,10 @@ def test_successor_config_traces_one_step_and_sampler(name, arg):
     assert jax.tree.structure(new_state.params) == jax.tree.structure(state.params)
     ids, labels = jnp.arange(2), jnp.zeros((2,), jnp.int32)
     images = jax.eval_shape(
-        sample.make_sample_fn(config, network), state.ema_params[0], jax.random.key(0), ids,
+        sample.make_sample_fn(config, network),
+        state.ema_params[0],
+        jax.random.key(0),
+        ids,
         labels,
-    )  # fmt: skip
+    )
     assert images.shape == (2, 8, 8, 1)

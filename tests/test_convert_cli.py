@@ -55,10 +55,14 @@ def jcm_config(spec: dict):
     config.data.image_size = spec["config"]["data"]["image_size"]
     config.model.dtype = "float32"
     config.model.ncsnpp.update(
-        nf=c["nf"], ch_mult=tuple(c["ch_mult"]), num_res_blocks=c["num_res_blocks"],
-        attn_resolutions=tuple(c["attn_resolutions"]), fourier_scale=float(c["fourier_scale"]),
-        embedding_type=c["embedding_type"], init_scale=float(c["init_scale"]),
-    )  # fmt: skip
+        nf=c["nf"],
+        ch_mult=tuple(c["ch_mult"]),
+        num_res_blocks=c["num_res_blocks"],
+        attn_resolutions=tuple(c["attn_resolutions"]),
+        fourier_scale=float(c["fourier_scale"]),
+        embedding_type=c["embedding_type"],
+        init_scale=float(c["init_scale"]),
+    )
     return _small(config)
 
 
@@ -109,8 +113,9 @@ def test_adm_conversion_is_a_cd_teacher(adm):
     network = networks.build_network(config)
     expected = checkpoints.param_fingerprint(sample.abstract_params(config, network))
     teacher = train.load_teacher(config, network, expected)
-    want = _flat(convert.read_params("cm-pt", adm["files"][".pt"], sample.abstract_params(
-        config, network)))  # fmt: skip
+    want = _flat(
+        convert.read_params("cm-pt", adm["files"][".pt"], sample.abstract_params(config, network))
+    )
     got = _flat(teacher)
     assert got.keys() == want.keys()
     assert all(np.array_equal(got[k], want[k]) for k in want)
@@ -178,9 +183,12 @@ def test_jcm_conversion_equals_the_npz_params_and_samples(tmp_path):
     assert got.keys() == want.keys()
     assert all(got[k].dtype == np.float32 and np.array_equal(got[k], want[k]) for k in want)
     online, _ = convert.convert(
-        config, source="jcm", checkpoint=JCM["files"][".msgpack.xz"], out=tmp_path / "online",
+        config,
+        source="jcm",
+        checkpoint=JCM["files"][".msgpack.xz"],
+        out=tmp_path / "online",
         jcm_tree="params",
-    )  # fmt: skip
+    )
     online = _flat(checkpoints.load_params(online)[0])
     changed = {k for k in want if not np.array_equal(online[k], want[k])}
     assert changed == set(spec["checkpoint"]["grad_leaves"])

@@ -151,7 +151,7 @@ def test_denoiser_and_consistency_function_of_the_restored_net(ckpt):
     ref = ckpt["ref"]
     params = load_jcm_params(ckpt["path"])
     net = ncsnpp_from_jcm_config(ckpt["spec"]["config"]["model"])
-    F = lambda x_in, c: net.apply({"params": params}, x_in, c, train=False)  # noqa: E731
+    F = lambda x_in, c: net.apply({"params": params}, x_in, c, train=False)
     noise_cond = parameterization.get_noise_conditioning("ncsnpp")
     wrapped = {
         "denoiser": parameterization.edm_scalings, "distiller": parameterization.boundary_scalings

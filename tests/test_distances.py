@@ -50,8 +50,11 @@ def test_ict_c_for_cifar10_and_l2_norm():
 @pytest.mark.parametrize("name", ["l2_norm", "pseudo_huber_c0"])
 def test_norm_gradient_is_zero_not_nan_at_equal_inputs(name):
     # ECT (c = 0) and jcm's continuous 'l2' use the plain norm; a zero difference must not NaN.
-    fn = distances.l2_norm if name == "l2_norm" else (
-        lambda a, b: distances.pseudo_huber(a, b, c=0.0))  # fmt: skip
+    fn = (
+        distances.l2_norm
+        if name == "l2_norm"
+        else (lambda a, b: distances.pseudo_huber(a, b, c=0.0))
+    )
     x = jax.random.normal(jax.random.key(1), (2, 5))
     y = x.at[1].add(jnp.arange(5.0))  # example 0 equal, example 1 not
     grad = jax.grad(lambda a: fn(a, y).sum())(x)

@@ -49,9 +49,12 @@ def workdir(tmp_path_factory):
     abstract = sample.abstract_params(config, networks.build_network(config))
     params = _random_params(abstract)
     state = TrainState(
-        step=np.int32(2), params=params, target_params=params, ema_params=(params,),
+        step=np.int32(2),
+        params=params,
+        target_params=params,
+        ema_params=(params,),
         opt_state=None,
-    )  # fmt: skip
+    )
     meta = {"model": "unet", "params": checkpoints.param_fingerprint(abstract)}
     ckpt = checkpoints.Checkpointer(root / "checkpoints")
     ckpt.save(2, state, meta)
@@ -102,7 +105,7 @@ def test_superres_of_low_resolution_inputs_keeps_patch_means(workdir, tmp_path):
     result = edit.run_edit(config, root)
     stem = source[:-4]
     _check_files(result, stem, [f"{stem}_{k:04d}" for k in range(NUM)], (NUM, 8, 8, 1))
-    means = lambda x: x.reshape(NUM, 8 // p, p, 8 // p, p, 1).mean((2, 4))  # noqa: E731
+    means = lambda x: x.reshape(NUM, 8 // p, p, 8 // p, p, 1).mean((2, 4))
     np.testing.assert_allclose(means(result.edited), means(result.inputs), atol=1e-5)
     assert np.abs(result.edited - result.reference).max() > 0.05  # detail was generated
 

@@ -16,8 +16,13 @@ def _f_params(meta: dict) -> dict:
     if "F_params" in meta:
         return meta["F_params"]
     m = re.search(r"(\w+)\(([-\d.e]+)\*x_in \+ ([-\d.e]+)\*t\) \* ([-\d.e]+)", meta["F"])
-    return dict(act=m.group(1), a=float(m.group(2)), b=float(m.group(3)),
-                scale=float(m.group(4)), shift_t=0.0)  # fmt: skip
+    return dict(
+        act=m.group(1),
+        a=float(m.group(2)),
+        b=float(m.group(3)),
+        scale=float(m.group(4)),
+        shift_t=0.0,
+    )
 
 
 def _run_task(name, task, arrays, f, sigmas, grid):
@@ -60,9 +65,11 @@ def test_editing_matches_cm(case):
             x, refdata.nhwc(arrays[f"{name}/x_out"]), refdata.SAMPLER_RTOL, f"{name} x_out"
         )
         refdata.assert_close_scaled(
-            reference, refdata.nhwc(arrays[f"{name}/images_out"]), refdata.SAMPLER_RTOL,
+            reference,
+            refdata.nhwc(arrays[f"{name}/images_out"]),
+            refdata.SAMPLER_RTOL,
             f"{name} images_out",
-        )  # fmt: skip
+        )
 
 
 # A closed-form consistency function with f(x, eps) close to x, so small sigmas keep the input.

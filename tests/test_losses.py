@@ -35,12 +35,20 @@ def _t_t2(metrics, n):
 def test_cd_uses_one_teacher_step_with_shared_noise(solver):
     c, n, batch = 0.3, 18, 64
     x0 = jnp.zeros((batch, 4, 4, 3))  # data at 0, so x_t = t z and the noise draw cancels
-    teacher = lambda x, s: c * x  # noqa: E731
+    teacher = lambda x, s: c * x
     params = {"w": jnp.float32(1.0)}
     per, metrics = losses.consistency_distillation_loss(
-        scale_fn, params, params, teacher, ode.get_solver(solver), x0, jax.random.key(0),
-        num_scales=n, distance=relative_sq, weighting=UNIFORM,
-    )  # fmt: skip
+        scale_fn,
+        params,
+        params,
+        teacher,
+        ode.get_solver(solver),
+        x0,
+        jax.random.key(0),
+        num_scales=n,
+        distance=relative_sq,
+        weighting=UNIFORM,
+    )
     assert per.shape == (batch,)
     t, t2 = _t_t2(metrics, n)
     d = (1 - c) / t  # (x - D(x))/t per unit x
@@ -55,9 +63,15 @@ def test_ct_target_is_x0_plus_next_sigma_times_same_z():
     n, batch = 10, 64
     params = {"w": jnp.float32(2.0)}
     per, metrics = losses.consistency_training_loss(
-        scale_fn, params, params, jnp.zeros((batch, 8)), jax.random.key(1),
-        num_scales=n, distance=relative_sq, weighting=UNIFORM,
-    )  # fmt: skip
+        scale_fn,
+        params,
+        params,
+        jnp.zeros((batch, 8)),
+        jax.random.key(1),
+        num_scales=n,
+        distance=relative_sq,
+        weighting=UNIFORM,
+    )
     t, t2 = _t_t2(metrics, n)
     np.testing.assert_allclose(per, (1 - t2 / t) ** 2, rtol=2e-4, atol=1e-9)
 
@@ -67,9 +81,17 @@ def test_no_gradient_through_target_and_teacher():
 
     def mean_loss(params, target_params):
         per, _ = losses.consistency_distillation_loss(
-            scale_fn, params, target_params, lambda x, s: 0.5 * x, ode.heun_step, x0,
-            jax.random.key(3), num_scales=18, distance=l2, weighting=UNIFORM,
-        )  # fmt: skip
+            scale_fn,
+            params,
+            target_params,
+            lambda x, s: 0.5 * x,
+            ode.heun_step,
+            x0,
+            jax.random.key(3),
+            num_scales=18,
+            distance=l2,
+            weighting=UNIFORM,
+        )
         return per.mean()
 
     g_online, g_target = jax.grad(mean_loss, argnums=(0, 1))({"w": 1.1}, {"w": 0.9})
@@ -82,34 +104,50 @@ def test_online_and_target_share_the_dropout_key():
 
     # A teacher step that returns its input and t2 = t: online and target differ only by dropout.
     same = losses.consistency_loss_at(
-        dropout_fn, {}, {}, lambda x_t, t, t2, x0, z: x_t, jnp.ones((4, 5)), jnp.full((4,), 2.0),
-        jnp.full((4,), 2.0), jnp.ones((4, 5)), jax.random.key(4),
-        distance=l2, weighting=UNIFORM,
-    )  # fmt: skip
+        dropout_fn,
+        {},
+        {},
+        lambda x_t, t, t2, x0, z: x_t,
+        jnp.ones((4, 5)),
+        jnp.full((4,), 2.0),
+        jnp.full((4,), 2.0),
+        jnp.ones((4, 5)),
+        jax.random.key(4),
+        distance=l2,
+        weighting=UNIFORM,
+    )
     np.testing.assert_array_equal(same, 0.0)
 
 
 def test_weighting_multiplies_per_example():
     t = jnp.array([0.5, 2.0, 10.0])
     per = losses.consistency_loss_at(
-        scale_fn, {"w": 1.0}, {"w": 1.0}, lambda x_t, t, t2, x0, z: x0,
-        jnp.zeros((3, 2)), t, t / 2, jnp.ones((3, 2)), jax.random.key(5),
-        distance=l2, weighting=get_weighting("snr"),
-    )  # fmt: skip
+        scale_fn,
+        {"w": 1.0},
+        {"w": 1.0},
+        lambda x_t, t, t2, x0, z: x0,
+        jnp.zeros((3, 2)),
+        t,
+        t / 2,
+        jnp.ones((3, 2)),
+        jax.random.key(5),
+        distance=l2,
+        weighting=get_weighting("snr"),
+    )
     np.testing.assert_allclose(per, t**2 / t**2, rtol=1e-6)  # l2 = t^2, snr = 1/t^2
 
 
 def test_edm_loss_weight_and_noise_distribution():
     batch = 512
     x0 = jnp.zeros((batch, 64, 64, 3))
-    identity = lambda params, x, sigma, key: x  # noqa: E731
+    identity = lambda params, x, sigma, key: x
     per, metrics = losses.edm_loss(identity, None, x0, jax.random.key(6), sigma_data=0.5)
     sigma = np.asarray(metrics["sigma"])
     # D(x) = x with x0 = 0: loss = (1/s^2 + 1/sd^2) s^2 mean(z^2) = (1 + 4 s^2) mean(z^2).
     ratio = np.asarray(per) / (1 + 4 * sigma**2)
     assert np.all(np.abs(ratio - 1) < 0.08) and abs(ratio.mean() - 1) < 0.01
     assert abs(np.log(sigma).mean() + 1.2) < 0.2 and abs(np.log(sigma).std() - 1.2) < 0.2
-    exact = lambda params, x, sigma, key: jnp.zeros_like(x)  # noqa: E731
+    exact = lambda params, x, sigma, key: jnp.zeros_like(x)
     np.testing.assert_array_equal(losses.edm_loss(exact, None, x0, jax.random.key(7))[0], 0.0)
 
 
@@ -133,17 +171,22 @@ def test_per_example_shape_is_enforced():
     bad = functools.partial(losses.consistency_loss_at, scale_fn, {"w": 1.0}, {"w": 1.0})
     with pytest.raises(ValueError, match="per-example"):
         bad(
-            lambda x_t, t, t2, x0, z: x0, jnp.zeros((3, 3)), jnp.ones(3), jnp.ones(3),
-            jnp.ones((3, 3)), jax.random.key(0), distance=lambda a, b: (a - b) ** 2,
+            lambda x_t, t, t2, x0, z: x0,
+            jnp.zeros((3, 3)),
+            jnp.ones(3),
+            jnp.ones(3),
+            jnp.ones((3, 3)),
+            jax.random.key(0),
+            distance=lambda a, b: (a - b) ** 2,
             weighting=UNIFORM,
-        )  # fmt: skip
+        )
 
 
 def test_continuous_tangent_matches_finite_differences():
     x = jax.random.normal(jax.random.key(10), (3, 5))
     u = jax.random.normal(jax.random.key(11), (3, 5))
     t = jnp.array([0.3, 1.0, 4.0])
-    f = lambda x, s: jnp.tanh(x * s[:, None]) + s[:, None] ** 2 * x  # noqa: E731
+    f = lambda x, s: jnp.tanh(x * s[:, None]) + s[:, None] ** 2 * x
     out, v = losses.consistency_tangent(f, x, t, u)
     h = 1e-2  # central differences of s -> f(x + s u, t - s)
     fd = (f(x + h * u, t - h) - f(x - h * u, t + h)) / (2 * h)
@@ -155,8 +198,8 @@ def test_trigflow_tangent_is_cos_t_times_df_dt_along_the_path():
     sd = 0.5
     x0 = jax.random.normal(jax.random.key(12), (3, 5))
     z = sd * jax.random.normal(jax.random.key(13), (3, 5))
-    net = lambda x_in, t: jnp.tanh(x_in) * jnp.cos(3 * t)[:, None] + t[:, None] * x_in**2  # noqa: E731
-    path = lambda t: jnp.cos(t)[:, None] * x0 + jnp.sin(t)[:, None] * z  # noqa: E731
+    net = lambda x_in, t: jnp.tanh(x_in) * jnp.cos(3 * t)[:, None] + t[:, None] * x_in**2
+    path = lambda t: jnp.cos(t)[:, None] * x0 + jnp.sin(t)[:, None] * z
 
     def f(t):  # the TrigFlow consistency function on the CT path x_t(t)
         return jnp.cos(t)[:, None] * path(t) - jnp.sin(t)[:, None] * sd * net(path(t) / sd, t)
@@ -180,16 +223,18 @@ def _const_in_x(params, x, sigma, key):
 def test_continuous_losses_closed_form_value_and_gradient():
     x0, key, params = jnp.zeros((64, 16)), jax.random.key(14), {"w": jnp.float32(1.5)}
     common = dict(teacher_denoise=None, distance=l2_norm, weighting=UNIFORM)
-    per, m = losses.continuous_consistency_loss(_const_in_x, params, x0, key, stopgrad=False,
-                                                **common)  # fmt: skip
+    per, m = losses.continuous_consistency_loss(
+        _const_in_x, params, x0, key, stopgrad=False, **common
+    )
     t = np.asarray(m["sigma"])
     h, dh = t / (1 + t), 1 / (1 + t) ** 2
     np.testing.assert_allclose(per, 4.0 * 1.5 * dh, rtol=1e-5)  # ||v|| = sqrt(16) w h'
     assert t.min() >= 0.002 and t.max() <= 80.0
 
     def pseudo(p):
-        per, _ = losses.continuous_consistency_loss(_const_in_x, p, x0, key, stopgrad=True,
-                                                    **common)  # fmt: skip
+        per, _ = losses.continuous_consistency_loss(
+            _const_in_x, p, x0, key, stopgrad=True, **common
+        )
         return per.mean(), per
 
     (_, per), grad = jax.value_and_grad(pseudo, has_aux=True)(params)
@@ -200,12 +245,13 @@ def test_continuous_losses_closed_form_value_and_gradient():
 
 def test_continuous_cd_tangent_follows_the_teacher():
     x0, key = jnp.zeros((32, 8)), jax.random.key(15)
-    identity = lambda params, x, sigma, k: x  # noqa: E731
+    identity = lambda params, x, sigma, k: x
     kw = dict(stopgrad=False, distance=l2_norm, weighting=UNIFORM)
     ct, _ = losses.continuous_consistency_loss(identity, None, x0, key, teacher_denoise=None, **kw)
-    teacher = lambda x, s: 0.3 * x  # noqa: E731  # x0 = 0: t score = (0.3 - 1) z
-    cd, _ = losses.continuous_consistency_loss(identity, None, x0, key, teacher_denoise=teacher,
-                                               **kw)  # fmt: skip
+    teacher = lambda x, s: 0.3 * x  # x0 = 0: t score = (0.3 - 1) z
+    cd, _ = losses.continuous_consistency_loss(
+        identity, None, x0, key, teacher_denoise=teacher, **kw
+    )
     np.testing.assert_allclose(cd / ct, 0.7, rtol=1e-5)
 
 
@@ -222,13 +268,19 @@ def test_continuous_cd_is_stationary_only_at_the_exact_flow(stopgrad):
     # tangent of f_a vanishes at a = s (f is then the exact flow), and descent moves a to s.
     m, s = 0.3, 0.4
     x0 = m + s * jax.random.normal(jax.random.key(30), (512, 6))
-    teacher = lambda x, t: m + (x - m) * s**2 / (s**2 + t[:, None] ** 2)  # noqa: E731
+    teacher = lambda x, t: m + (x - m) * s**2 / (s**2 + t[:, None] ** 2)
 
     def loss(a):
         per, _ = losses.continuous_consistency_loss(
-            _gaussian_flow, {"a": a}, x0, jax.random.key(31), teacher_denoise=teacher,
-            stopgrad=stopgrad, distance=l2_norm, weighting=UNIFORM,
-        )  # fmt: skip
+            _gaussian_flow,
+            {"a": a},
+            x0,
+            jax.random.key(31),
+            teacher_denoise=teacher,
+            stopgrad=stopgrad,
+            distance=l2_norm,
+            weighting=UNIFORM,
+        )
         return per.mean()
 
     value_and_grad = jax.jit(jax.value_and_grad(loss))
@@ -243,11 +295,12 @@ def test_continuous_cd_is_stationary_only_at_the_exact_flow(stopgrad):
 
 
 def test_ect_target_is_x0_then_x0_plus_r_z():
-    x0, identity = jnp.zeros((256, 8)), lambda params, x, sigma, key: x  # noqa: E731
+    x0, identity = jnp.zeros((256, 8)), lambda params, x, sigma, key: x
     kw = dict(distance=relative_sq, weighting=UNIFORM, q=2.0, stage_steps=10)
     for step, r_min in ((0, 0.0), (35, 0.0), (35, 0.05)):
-        per, m = losses.easy_consistency_loss(identity, None, x0, jax.random.key(16), step,
-                                              r_min=r_min, **kw)  # fmt: skip
+        per, m = losses.easy_consistency_loss(
+            identity, None, x0, jax.random.key(16), step, r_min=r_min, **kw
+        )
         t, r = np.asarray(m["sigma"]), np.asarray(m["r"])
         r_eff = np.where(r > r_min, r, 0.0)  # the target is x0 at and below r_min
         np.testing.assert_allclose(per, (1 - r_eff / t) ** 2, rtol=1e-4, atol=1e-7)
@@ -261,9 +314,17 @@ def test_ect_shares_noise_and_dropout_between_passes():
 
     # Stage 40: r = t (1 - n(t) 2^-41) = t, so online and target differ only if masks differ.
     per, _ = losses.easy_consistency_loss(
-        dropout_fn, None, jnp.ones((8, 6)), jax.random.key(17), 400, distance=l2,
-        weighting=UNIFORM, p_mean=1.0, p_std=0.1, stage_steps=10,
-    )  # fmt: skip
+        dropout_fn,
+        None,
+        jnp.ones((8, 6)),
+        jax.random.key(17),
+        400,
+        distance=l2,
+        weighting=UNIFORM,
+        p_mean=1.0,
+        p_std=0.1,
+        stage_steps=10,
+    )
     np.testing.assert_allclose(per, 0.0, atol=1e-10)
 
 
@@ -271,10 +332,16 @@ def test_ict_is_ct_with_lognormal_pairs_and_inverse_gap_weight():
     n = 11
     sampler = functools.partial(schedules.sample_lognormal_indices, max_scales=1281)
     per, metrics = losses.consistency_training_loss(
-        scale_fn, {"w": jnp.float32(2.0)}, {"w": jnp.float32(2.0)}, jnp.zeros((256, 8)),
-        jax.random.key(18), num_scales=n, distance=relative_sq, weighting=get_weighting("ict"),
+        scale_fn,
+        {"w": jnp.float32(2.0)},
+        {"w": jnp.float32(2.0)},
+        jnp.zeros((256, 8)),
+        jax.random.key(18),
+        num_scales=n,
+        distance=relative_sq,
+        weighting=get_weighting("ict"),
         index_sampler=sampler,
-    )  # fmt: skip
+    )
     t, t2 = _t_t2(metrics, n)
     np.testing.assert_allclose(per, (1 - t2 / t) ** 2 / (t - t2), rtol=2e-4)
     # Lognormal pairs concentrate on small sigma: the top pairs are rare.
@@ -283,15 +350,16 @@ def test_ict_is_ct_with_lognormal_pairs_and_inverse_gap_weight():
 
 def test_scm_loss_value_and_gradient_signs():
     """F = w x_in on x0 = 0: g = cos t (cos 2t - w sin 2t) z; descent moves w toward cot 2t."""
-    net = lambda p, x_in, t, key: p["w"] * x_in  # noqa: E731
-    logvar = lambda p, t: jnp.full(t.shape, p["lv"])  # noqa: E731
+    net = lambda p, x_in, t, key: p["w"] * x_in
+    logvar = lambda p, t: jnp.full(t.shape, p["lv"])
     params = {"w": jnp.float32(0.3), "lv": jnp.float32(0.5)}
 
     @jax.jit
     def run(params, key):
         def mean_loss(p):
-            per, m = losses.scm_loss(net, logvar, p, jnp.zeros((1, 32)), key, velocity_fn=None,
-                                     warmup=1.0, tangent_c=0.0)  # fmt: skip
+            per, m = losses.scm_loss(
+                net, logvar, p, jnp.zeros((1, 32)), key, velocity_fn=None, warmup=1.0, tangent_c=0.0
+            )
             return per.mean(), (per, m)
 
         return jax.value_and_grad(mean_loss, has_aux=True)(params)

@@ -63,16 +63,23 @@ def test_the_table_holds_every_method_and_its_properties():
         method = methods.from_config(_config(name))
         assert method.name == name and methods.row(name) is type(method)
         assert (method.needs_teacher, method.keeps_target, method.samples_as) == (
-            teacher, target, samples_as,
-        ), name  # fmt: skip
+            teacher,
+            target,
+            samples_as,
+        ), name
     with pytest.raises(ValueError, match="training.loss: unknown 'gan'; choose one of"):
         methods.row("gan")
 
 
 def test_ict_settings_make_the_target_the_online_params():
     config = _config("ct")
-    config.training.update(target_ema_mode="fixed", scale_mode="exponential", start_ema=0.0,
-                           start_scales=10, end_scales=1280)  # fmt: skip
+    config.training.update(
+        target_ema_mode="fixed",
+        scale_mode="exponential",
+        start_ema=0.0,
+        start_scales=10,
+        end_scales=1280,
+    )
     assert not methods.from_config(config).keeps_target
 
 
@@ -96,20 +103,36 @@ def test_cd_and_ct_rows_call_their_core_losses_with_the_configured_fields():
     m = config.model
     mu, n = method.schedule(step)
     want, _ = losses.consistency_distillation_loss(
-        lambda p, x, s, k: fns.consistency(p, x, s, None, k), 1.0, 0.5,
-        lambda x, s: fns.denoiser(2.0, x, s, None, None), ode.euler_step, batch["image"], key,
-        num_scales=n, distance=distances.l1, weighting=parameterization.get_weighting("snr"),
-        sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho,
-    )  # fmt: skip
+        lambda p, x, s, k: fns.consistency(p, x, s, None, k),
+        1.0,
+        0.5,
+        lambda x, s: fns.denoiser(2.0, x, s, None, None),
+        ode.euler_step,
+        batch["image"],
+        key,
+        num_scales=n,
+        distance=distances.l1,
+        weighting=parameterization.get_weighting("snr"),
+        sigma_min=m.sigma_min,
+        sigma_max=m.sigma_max,
+        rho=m.rho,
+    )
     np.testing.assert_array_equal(got, want)
     ct = methods.from_config(_config("ct"))
     got, _ = ct.loss(fns, distances.l2, 1.0, 0.5, None, batch, key, step)
     want, _ = losses.consistency_training_loss(
-        lambda p, x, s, k: fns.consistency(p, x, s, None, k), 1.0, 0.5, batch["image"], key,
-        num_scales=ct.schedule(step)[1], distance=distances.l2,
+        lambda p, x, s, k: fns.consistency(p, x, s, None, k),
+        1.0,
+        0.5,
+        batch["image"],
+        key,
+        num_scales=ct.schedule(step)[1],
+        distance=distances.l2,
         weighting=parameterization.get_weighting("uniform"),
-        sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho,
-    )  # fmt: skip
+        sigma_min=m.sigma_min,
+        sigma_max=m.sigma_max,
+        rho=m.rho,
+    )
     np.testing.assert_array_equal(got, want)
 
 
@@ -121,8 +144,9 @@ def test_distances_each_method_takes():
     config.training.distance = "lpips"
     assert any("not supported by training.loss='cd_continuous'" in p for p in spec.problems(config))
     config.training.update(distance="l1", continuous_stopgrad=True)
-    assert any("continuous_stopgrad needs training.distance='l2'" in p
-               for p in spec.problems(config))  # fmt: skip
+    assert any(
+        "continuous_stopgrad needs training.distance='l2'" in p for p in spec.problems(config)
+    )
 
 
 # ---- nothing jitted closes over the config ----

@@ -38,9 +38,11 @@ def lpips_config(tmp_path, monkeypatch):
     monkeypatch.setattr(torch_pt, "load_torch_state_dict", lambda p: files[type(tmp_path)(p)])
     config = test_config.get_config()
     config.training.update(
-        distance="lpips", lpips_vgg=str(tmp_path / "vgg16.pth"),
-        lpips_lin=str(tmp_path / "vgg_lin.pth"), lpips_resize=32,
-    )  # fmt: skip
+        distance="lpips",
+        lpips_vgg=str(tmp_path / "vgg16.pth"),
+        lpips_lin=str(tmp_path / "vgg_lin.pth"),
+        lpips_resize=32,
+    )
     return config, lp.lpips_params_from_torch(vgg, lin)
 
 
@@ -55,7 +57,7 @@ def test_lpips_distance_from_the_configured_files(lpips_config):
     assert len(jax.tree.leaves(distance)) == 2 * len(VGG16_CONVS) + len(VGG16_TAP_CHANNELS)
     x, y = _images(1), _images(2)
     # Grey digits are repeated to RGB, then upsampled to training.lpips_resize.
-    rgb = lambda v: lp.resize_for_lpips(jnp.repeat(v, 3, axis=-1), 32)  # noqa: E731
+    rgb = lambda v: lp.resize_for_lpips(jnp.repeat(v, 3, axis=-1), 32)
     expected = lp.lpips_distance(params, rgb(x), rgb(y), resize=False)
     got = jax.jit(lambda d, x, y: d(x, y))(distance, x, y)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
@@ -68,8 +70,9 @@ def test_lpips_pooling_option(lpips_config):
     x, y = _images(1, channels=3), _images(2, channels=3)
     config.training.lpips_pool = "avg"
     avg = networks.distance_fn(config, lpips_params=params)(x, y)
-    expected = lp.lpips_distance(params, lp.resize_for_lpips(x, 32), lp.resize_for_lpips(y, 32),
-                                 pool="avg", resize=False)  # fmt: skip
+    expected = lp.lpips_distance(
+        params, lp.resize_for_lpips(x, 32), lp.resize_for_lpips(y, 32), pool="avg", resize=False
+    )
     np.testing.assert_allclose(avg, expected, rtol=1e-5)
     config.training.lpips_pool = "max"
     assert not np.allclose(networks.distance_fn(config, lpips_params=params)(x, y), avg)
@@ -103,8 +106,17 @@ def test_ct_step_with_lpips_on_digits(lpips_config):
     state = update.init_state(config, network, tx, mesh)
     step = update.train_step_for(config, network, tx, mesh)
     source = data.DigitsSource("train")
-    batch = next(data.make_batches(source, seed=0, local_batch=16, image_size=8, num_channels=1,
-                                   random_flip=False, num_threads=1))  # fmt: skip
+    batch = next(
+        data.make_batches(
+            source,
+            seed=0,
+            local_batch=16,
+            image_size=8,
+            num_channels=1,
+            random_flip=False,
+            num_threads=1,
+        )
+    )
     batches = sharding.global_array(
         {k: batch[k][None] for k in ("image", "label")}, sharding.stacked_batch_sharding(mesh)
     )

@@ -45,7 +45,7 @@ def test_scalings_and_noise_match_jcm(case):
 
 def test_boundary_condition_is_exact_identity():
     x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
-    net = lambda x_in, c: jnp.full_like(x_in, 7.0)  # noqa: E731
+    net = lambda x_in, c: jnp.full_like(x_in, 7.0)
     f = P.precondition(
         net, x, jnp.full((3,), 0.002), scalings=P.boundary_scalings, noise_cond=P.c_noise_adm
     )
@@ -90,12 +90,14 @@ def test_trigflow_consistency_fn_in_edm_coordinates():
     """precondition(trigflow) at (x_t / cos t, sd tan t) = cos t x_t - sin t sd F(x_t/sd, t)."""
     sd, t = 0.5, jnp.array([0.3, 1.1])
     x_t = jax.random.normal(jax.random.key(2), (2, 6))
-    net = lambda x_in, c: jnp.tanh(x_in) * (1 + c[:, None])  # noqa: E731
+    net = lambda x_in, c: jnp.tanh(x_in) * (1 + c[:, None])
     f = P.precondition(
-        net, x_t / jnp.cos(t)[:, None], sd * jnp.tan(t),
+        net,
+        x_t / jnp.cos(t)[:, None],
+        sd * jnp.tan(t),
         scalings=lambda s: P.trigflow_scalings(s, sigma_data=sd),
         noise_cond=lambda s: P.trigflow_time(s, sigma_data=sd),
-    )  # fmt: skip
+    )
     c, s = jnp.cos(t)[:, None], jnp.sin(t)[:, None]
     np.testing.assert_allclose(f, c * x_t - s * sd * net(x_t / sd, t), rtol=1e-5, atol=1e-6)
     zero = P.precondition(

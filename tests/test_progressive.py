@@ -57,23 +57,29 @@ def capture_student(store):
 @pytest.mark.parametrize("n", [1, 2, 8, 64])
 def test_gaussian_teacher_target_matches_two_euler_steps_by_hand(n):
     s = 0.5  # data ~ N(0, s^2 I): the exact denoiser is s^2/(s^2+t^2) x
-    teacher = lambda x, t: (s**2 / (s**2 + t**2))[:, None, None, None] * x  # noqa: E731
+    teacher = lambda x, t: (s**2 / (s**2 + t**2))[:, None, None, None] * x
     B = 32
     x0 = s * jax.random.normal(jax.random.PRNGKey(1), (B,) + SHAPE)
     key = jax.random.PRNGKey(2)
 
     store = {}
     _, metrics = progressive_distillation_loss(
-        capture_student(store), None, teacher, x0, key, num_scales=n, distance=l2,
+        capture_student(store),
+        None,
+        teacher,
+        x0,
+        key,
+        num_scales=n,
+        distance=l2,
         weighting=UNIFORM,
-    )  # fmt: skip
+    )
     i = np.asarray(metrics["index"], np.float64)
     t, t2, t3 = sigma64(i / n), sigma64((i + 0.5) / n), sigma64((i + 1) / n)
     np.testing.assert_allclose(store["t"], t, rtol=2e-6)
     np.testing.assert_allclose(np.asarray(metrics["sigma"]), t, rtol=2e-6)
 
-    bc = lambda v: v[:, None, None, None]  # noqa: E731
-    D = lambda x, tt: bc(s**2 / (s**2 + tt**2)) * x  # noqa: E731
+    bc = lambda v: v[:, None, None, None]
+    D = lambda x, tt: bc(s**2 / (s**2 + tt**2)) * x
     x_t = store["x_t"]
     z = (x_t - np.asarray(x0, np.float64)) / bc(t)  # x_t = x0 + t z, z ~ N(0, I)
     assert abs(z.mean()) < 0.15 and 0.85 < z.std() < 1.15
@@ -86,7 +92,7 @@ def test_gaussian_teacher_target_matches_two_euler_steps_by_hand(n):
 
     got = recover_target(teacher, x0, key, n)
     err = np.abs(got - expected)
-    per_max = lambda a: a.reshape(a.shape[0], -1).max(axis=1)  # noqa: E731
+    per_max = lambda a: a.reshape(a.shape[0], -1).max(axis=1)
     # Where t <= 1: 1e-5 relative (atol 1e-5 of the example's largest |target| for near-zeros).
     small = t <= 1.0
     if small.any():
@@ -105,8 +111,8 @@ def test_gaussian_teacher_target_matches_two_euler_steps_by_hand(n):
 
 def test_weighting_is_applied_per_example():
     x0 = jax.random.normal(jax.random.PRNGKey(3), (16,) + SHAPE)
-    teacher = lambda x, t: 0.3 * x  # noqa: E731
-    student = lambda p, x, t, k: 0.1 * x  # noqa: E731
+    teacher = lambda x, t: 0.3 * x
+    student = lambda p, x, t, k: 0.1 * x
     kw = dict(num_scales=8, distance=l2)
     key = jax.random.PRNGKey(4)
     plain, m = progressive_distillation_loss(
@@ -124,8 +130,8 @@ def test_point_mass_teacher_is_exact_so_the_loss_vanishes(n):
     B = 128
     c = jax.random.uniform(jax.random.PRNGKey(5), SHAPE, minval=-1.0, maxval=1.0)
     x0 = jnp.broadcast_to(c, (B,) + SHAPE)
-    teacher = lambda x, t: jnp.broadcast_to(c, x.shape)  # noqa: E731  D = c: Euler is exact
-    student = lambda p, x, t, k: jnp.broadcast_to(c + p, x.shape)  # noqa: E731
+    teacher = lambda x, t: jnp.broadcast_to(c, x.shape)
+    student = lambda p, x, t, k: jnp.broadcast_to(c + p, x.shape)
     kw = dict(num_scales=n, distance=l2, weighting=TRUNC_SNR)
     key = jax.random.PRNGKey(6)
     losses, m = progressive_distillation_loss(student, 0.0, teacher, x0, key, **kw)
@@ -168,7 +174,7 @@ def test_traced_num_scales_under_jit_and_index_range():
         teacher_calls.append(t)
         return 0.5 * x
 
-    student = lambda p, x, t, k: p * x  # noqa: E731
+    student = lambda p, x, t, k: p * x
 
     @jax.jit
     def run(p, key, num_scales):
@@ -194,10 +200,10 @@ def test_teacher_gets_no_gradient_student_does():
     B = 16
     x0 = jax.random.normal(jax.random.PRNGKey(9), (B,) + SHAPE)
     key = jax.random.PRNGKey(10)
-    student = lambda w, x, t, k: w * x / (1.0 + t[:, None, None, None] ** 2)  # noqa: E731
+    student = lambda w, x, t, k: w * x / (1.0 + t[:, None, None, None] ** 2)
 
     def total(w, p):
-        teacher = lambda x, t: p * x  # noqa: E731  the teacher's parameter, captured as a traced value
+        teacher = lambda x, t: p * x
         losses, _ = progressive_distillation_loss(
             student, w, teacher, x0, key, num_scales=4, distance=l2, weighting=TRUNC_SNR
         )
@@ -222,21 +228,33 @@ def test_dropout_key_is_passed_and_differs_from_noise_keys():
         return x
 
     progressive_distillation_loss(
-        student, None, lambda x, t: 0 * x, x0, jax.random.PRNGKey(11), num_scales=2,
-        distance=l2, weighting=UNIFORM,
-    )  # fmt: skip
+        student,
+        None,
+        lambda x, t: 0 * x,
+        x0,
+        jax.random.PRNGKey(11),
+        num_scales=2,
+        distance=l2,
+        weighting=UNIFORM,
+    )
     assert seen["key"].shape == jax.random.PRNGKey(0).shape
     assert not np.array_equal(np.asarray(seen["key"]), np.asarray(jax.random.PRNGKey(11)))
 
 
 def test_per_example_check_rejects_an_unreduced_distance():
     x0 = jnp.zeros((8,) + SHAPE)
-    per_pixel = lambda a, b: ((a - b) ** 2).reshape(a.shape[0], -1).T  # noqa: E731  [P, B]
+    per_pixel = lambda a, b: ((a - b) ** 2).reshape(a.shape[0], -1).T
     with pytest.raises(ValueError, match="per-example"):
         progressive_distillation_loss(
-            lambda p, x, t, k: x, None, lambda x, t: 0 * x, x0, jax.random.PRNGKey(0),
-            num_scales=2, distance=per_pixel, weighting=UNIFORM,
-        )  # fmt: skip
+            lambda p, x, t, k: x,
+            None,
+            lambda x, t: 0 * x,
+            x0,
+            jax.random.PRNGKey(0),
+            num_scales=2,
+            distance=per_pixel,
+            weighting=UNIFORM,
+        )
 
 
 # ---- the method row: stages restart from the EMA, the sampler, the configuration ----
@@ -248,9 +266,13 @@ def _pd_config():
     config = test_config.get_config()
     config.model.unet.update(channels=4, channel_mult=(1,), attn_resolutions=())
     config.training.update(
-        loss="pd", weighting="truncated-snr", start_scales=4, distill_steps_per_iter=2,
-        init_from_teacher=True, ema_rates=(0.5,),
-    )  # fmt: skip
+        loss="pd",
+        weighting="truncated-snr",
+        start_scales=4,
+        distill_steps_per_iter=2,
+        init_from_teacher=True,
+        ema_rates=(0.5,),
+    )
     config.optim.update(optimizer="adam", lr=1e-3)
     return config
 

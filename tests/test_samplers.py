@@ -36,21 +36,23 @@ def test_consistency_samplers_match_cm(case):
                 sigma_max = float(
                     arrays[f"{name}/sigmas"][0]
                 )  # the reference evaluates at sigmas[0]
-                run = lambda out, f=f, x=x_T, s=sigma_max: samplers.onestep_sample(  # noqa: E731
+                run = lambda out, f=f, x=x_T, s=sigma_max: samplers.onestep_sample(
                     f, x, sigma_max=s, clip_output=out
                 )
             else:
                 sigmas = samplers.index_sigmas(c["ts"], c["steps"])
                 np.testing.assert_allclose(sigmas, c["t_float64"], rtol=1e-7)
                 k = len(sigmas)
-                run = lambda out, f=f, x=x_T, s=sigmas, z=noise[1:k], cl=clip: (  # noqa: E731
+                run = lambda out, f=f, x=x_T, s=sigmas, z=noise[1:k], cl=clip: (
                     samplers.multistep_sample(f, x, s, z, clip_denoised=cl, clip_output=out)
                 )
             for out, raw in [(True, ""), (False, "_raw")]:
                 refdata.assert_close_scaled(
-                    run(out), refdata.nhwc(arrays[f"{name}/sample{suffix}{raw}"]),
-                    refdata.SAMPLER_RTOL, f"{name}{suffix}{raw}",
-                )  # fmt: skip
+                    run(out),
+                    refdata.nhwc(arrays[f"{name}/sample{suffix}{raw}"]),
+                    refdata.SAMPLER_RTOL,
+                    f"{name}{suffix}{raw}",
+                )
     assert ran > 0
 
 
@@ -83,8 +85,13 @@ def _parse_trace_setup(setup: str):
     n = int(re.search(r"num_train_timesteps=(\d+)", setup).group(1))
     timesteps = [int(t) for t in re.search(r"timesteps=\[([\d, ]+)\]", setup).group(1).split(",")]
     m = re.search(r"(\w+)\(([-\d.e]+)\*scaled \+ ([-\d.e]+)\*t\)\*([-\d.e]+)", setup)
-    f_params = dict(act=m.group(1), a=float(m.group(2)), b=float(m.group(3)),
-                    scale=float(m.group(4)), shift_t=0.0)  # fmt: skip
+    f_params = dict(
+        act=m.group(1),
+        a=float(m.group(2)),
+        b=float(m.group(3)),
+        scale=float(m.group(4)),
+        shift_t=0.0,
+    )
     return n, timesteps, f_params
 
 
@@ -101,14 +108,19 @@ def test_diffusers_step_trace(case):
     noise = refdata.nhwc(arrays["step_noise"])
     grid = dict(sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"])
     whole = samplers.multistep_sample(
-        f, refdata.nhwc(arrays["sample_init"]), sigmas, noise[: len(sigmas) - 1],
-        clip_denoised=cfg["clip_denoised"], clip_output=False, **grid,
-    )  # fmt: skip
+        f,
+        refdata.nhwc(arrays["sample_init"]),
+        sigmas,
+        noise[: len(sigmas) - 1],
+        clip_denoised=cfg["clip_denoised"],
+        clip_output=False,
+        **grid,
+    )
     refdata.assert_close_scaled(whole, refdata.nhwc(arrays["final"]), refdata.SAMPLER_RTOL, "final")
 
 
 def test_index_api_equals_sigma_api_and_diffusers_mode():
-    f = lambda x, s: jnp.tanh(x / (1 + s[:, None]))  # noqa: E731
+    f = lambda x, s: jnp.tanh(x / (1 + s[:, None]))
     x_T = 80.0 * jax.random.normal(jax.random.key(0), (3, 6))
     noise = jax.random.normal(jax.random.key(1), (1, 3, 6))
     by_index = samplers.multistep_sample(f, x_T, samplers.index_sigmas((0, 22, 39), 40), noise)
@@ -122,7 +134,7 @@ def test_index_api_equals_sigma_api_and_diffusers_mode():
 
 
 def test_sample_noise_is_per_sample_id():
-    f = lambda x, s: jnp.tanh(0.1 * x)  # noqa: E731
+    f = lambda x, s: jnp.tanh(0.1 * x)
     key = jax.random.key(3)
     sigmas = samplers.index_sigmas((0, 5, 9), 10)
     all_ = samplers.sample(f, key, jnp.arange(6), (4, 4, 1), sigmas)

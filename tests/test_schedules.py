@@ -77,9 +77,14 @@ def test_ct_adaptive_matches_jcm(case):
     fixed = data["ct_ema_fixed"]
     for k, step in enumerate(data["steps"]):
         mu, n = schedules.ema_and_scales(
-            step, target_ema_mode="fixed", scale_mode="fixed", start_ema=fixed["target_ema"][k],
-            start_scales=fixed["num_scales"][k], end_scales=fixed["num_scales"][k], total_steps=1,
-        )  # fmt: skip
+            step,
+            target_ema_mode="fixed",
+            scale_mode="fixed",
+            start_ema=fixed["target_ema"][k],
+            start_scales=fixed["num_scales"][k],
+            end_scales=fixed["num_scales"][k],
+            total_steps=1,
+        )
         assert int(n) == fixed["num_scales"][k]
         np.testing.assert_allclose(float(mu), fixed["target_ema"][k], rtol=1e-7)
 
@@ -116,9 +121,14 @@ def test_schedule_compiles_once_across_steps():
     def fn(step):
         traces.append(1)
         return schedules.ema_and_scales(
-            step, target_ema_mode="adaptive", scale_mode="progressive", start_ema=0.9,
-            start_scales=2, end_scales=150, total_steps=800_000,
-        )  # fmt: skip
+            step,
+            target_ema_mode="adaptive",
+            scale_mode="progressive",
+            start_ema=0.9,
+            start_scales=2,
+            end_scales=150,
+            total_steps=800_000,
+        )
 
     ns = [int(fn(jnp.int32(s))[1]) for s in (0, 1, 10_000, 799_999)]
     assert ns == [2, 3, 17, 151] and len(traces) == 1
@@ -135,8 +145,14 @@ def test_schedule_compiles_once_across_steps():
     ],
 )
 def test_schedule_rejects_bad_settings(kwargs, match):
-    args = dict(target_ema_mode="fixed", scale_mode="progressive", start_ema=0.95,
-                start_scales=2, end_scales=150, total_steps=100)  # fmt: skip
+    args = dict(
+        target_ema_mode="fixed",
+        scale_mode="progressive",
+        start_ema=0.95,
+        start_scales=2,
+        end_scales=150,
+        total_steps=100,
+    )
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         schedules.ema_and_scales(0, **args)
@@ -161,10 +177,15 @@ def test_lognormal_sigma_moments():
 def test_ict_exponential_curriculum_doubles_every_k_prime():
     fn = jax.jit(
         lambda step: schedules.ema_and_scales(
-            step, target_ema_mode="fixed", scale_mode="exponential", start_ema=0.0,
-            start_scales=10, end_scales=1280, total_steps=400_000,
+            step,
+            target_ema_mode="fixed",
+            scale_mode="exponential",
+            start_ema=0.0,
+            start_scales=10,
+            end_scales=1280,
+            total_steps=400_000,
         )
-    )  # fmt: skip
+    )
     # K' = floor(400k / (log2 floor(1280/10) + 1)) = 50k steps per stage.
     ns = [int(fn(jnp.int32(k))[1]) for k in range(0, 450_000, 50_000)]
     assert ns == [11, 21, 41, 81, 161, 321, 641, 1281, 1281]
@@ -181,7 +202,7 @@ def test_lognormal_index_probabilities():
         np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-5)
     # By hand for N = 3: pairs (80, s1) and (s1, 0.002), s1 = ((80^(1/7) + 0.002^(1/7))/2)^7.
     s1 = ((80 ** (1 / 7) + 0.002 ** (1 / 7)) / 2) ** 7
-    cdf = lambda s: math.erf((math.log(s) + 1.1) / (math.sqrt(2) * 2.0))  # noqa: E731
+    cdf = lambda s: math.erf((math.log(s) + 1.1) / (math.sqrt(2) * 2.0))
     mass = np.array([cdf(80) - cdf(s1), cdf(s1) - cdf(0.002)])
     p = schedules.lognormal_index_probs(3, max_scales=3, p_mean=-1.1, p_std=2.0, **grid)
     np.testing.assert_allclose(p, mass / mass.sum(), rtol=1e-5)

@@ -127,9 +127,14 @@ def _small(**training):
 def _digits_batch(size=16):
     source = data.make_source("digits")
     batches = data.make_batches(
-        source, seed=0, local_batch=size, image_size=8, num_channels=1, random_flip=False,
+        source,
+        seed=0,
+        local_batch=size,
+        image_size=8,
+        num_channels=1,
+        random_flip=False,
         num_threads=1,
-    )  # fmt: skip
+    )
     return {k: v[None] for k, v in next(batches).items()}  # [n_jitted_steps=1, B, ...]
 
 

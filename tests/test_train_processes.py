@@ -46,9 +46,13 @@ def _config(**training):
 
 def _start(workdir, *args, env=ENV):
     return subprocess.Popen(
-        [*MAIN, f"--workdir={workdir}", *args], cwd=REPO, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [*MAIN, f"--workdir={workdir}", *args],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_for_steps(proc, count: int) -> list[str]:
@@ -106,8 +110,12 @@ def test_runs_killed_at_random_points_resume_to_the_uninterrupted_result(tmp_pat
         assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
     out = subprocess.run(
         [*MAIN, f"--workdir={tmp_path / 'killed'}", *args],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0 and "resumed from step" in out.stdout, out.stderr[-3000:]
     config = _config(num_steps=steps, snapshot_every=steps, log_every=steps)
     want = train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
@@ -143,14 +151,28 @@ def _free_port() -> int:
 
 
 def _worker(workdir, devices: int, *flags):
-    env = dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-               "--xla_backend_optimization_level=0")  # fmt: skip
+    env = dict(
+        ENV,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+        "--xla_backend_optimization_level=0",
+    )
     args = _overrides(num_steps=3, log_every=1, snapshot_every=3)
     return subprocess.Popen(
-        [sys.executable, "-c", WORKER, "--config=configs/test.py", f"--workdir={workdir}",
-         *flags, *args],
-        cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            WORKER,
+            "--config=configs/test.py",
+            f"--workdir={workdir}",
+            *flags,
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_two_processes_train_as_one(tmp_path):
@@ -167,7 +189,7 @@ def test_two_processes_train_as_one(tmp_path):
             f"--coordinator_address={address}",
             "--num_processes=2",
             f"--process_id={i}",
-        )  # fmt: skip
+        )
         for i in range(2)
     ] + [_worker(tmp_path / "one", 2)]
     outs = []
@@ -191,11 +213,21 @@ def test_two_processes_train_as_one(tmp_path):
 
 def test_a_bad_config_is_one_line_per_key_not_a_traceback(tmp_path):
     out = subprocess.run(
-        [*MAIN, f"--workdir={tmp_path}", "--config.training.micro_batches=0",
-         "--config.optim.lr=-1.0"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            *MAIN,
+            f"--workdir={tmp_path}",
+            "--config.training.micro_batches=0",
+            "--config.optim.lr=-1.0",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    for text in ("training.micro_batches=0: must be a positive integer",
-                 "optim.lr=-1.0: must be a number > 0"):  # fmt: skip
+    for text in (
+        "training.micro_batches=0: must be a positive integer",
+        "optim.lr=-1.0: must be a number > 0",
+    ):
         assert text in out.stderr

@@ -39,9 +39,17 @@ SIGMAS = jnp.array([0.25, 0.5, 1.0, 2.0])
 def digits():
     source = data.make_source("digits", split="train", data_dir=None, folder="")
     batches = data.make_batches(
-        source, seed=0, local_batch=256, image_size=8, num_channels=1, random_flip=False,
-        start_step=0, process_index=0, process_count=1, num_threads=1,
-    )  # fmt: skip
+        source,
+        seed=0,
+        local_batch=256,
+        image_size=8,
+        num_channels=1,
+        random_flip=False,
+        start_step=0,
+        process_index=0,
+        process_count=1,
+        num_threads=1,
+    )
     return np.asarray(next(batches)["image"])
 
 
@@ -103,8 +111,13 @@ def test_variant_learns_on_digits(name, digits):
         for k in range(PROBES):
             fresh = jax.tree.map(jnp.copy, state).replace(step=jnp.zeros_like(state.step))
             images = digits[k * BATCH : (k + 1) * BATCH]
-            losses.append(float(step(fresh, _batch(images), teacher, distance,
-                                     jax.random.key(100 + k))[1]["loss"]))  # fmt: skip
+            losses.append(
+                float(
+                    step(fresh, _batch(images), teacher, distance, jax.random.key(100 + k))[1][
+                        "loss"
+                    ]
+                )
+            )
         return np.mean(losses)
 
     loss_before, error_before = probe(state), float(denoise_error(state.params))
@@ -152,11 +165,19 @@ def test_ect_trains_the_configured_scalings(scalings, digits):
     fn = networks.model_fn(network, config, kind)
     t = config.training
     want, _ = losses.easy_consistency_loss(
-        lambda p, x, s, k: fn(p, x, s, batch["label"], k), params, batch["image"],
-        jax.random.key(1), 300, distance=networks.distance_fn(config),
-        weighting=get_weighting(t.weighting), p_mean=t.p_mean, p_std=t.p_std, q=t.ect_q,
-        stage_steps=t.ect_stage_steps, r_min=0.0 if scalings == "edm" else config.model.sigma_min,
-    )  # fmt: skip
+        lambda p, x, s, k: fn(p, x, s, batch["label"], k),
+        params,
+        batch["image"],
+        jax.random.key(1),
+        300,
+        distance=networks.distance_fn(config),
+        weighting=get_weighting(t.weighting),
+        p_mean=t.p_mean,
+        p_std=t.p_std,
+        q=t.ect_q,
+        stage_steps=t.ect_stage_steps,
+        r_min=0.0 if scalings == "edm" else config.model.sigma_min,
+    )
     np.testing.assert_allclose(got, want, rtol=1e-6)
     config.training.ect_scalings = "sigma_min"
     with pytest.raises(ValueError, match="training.ect_scalings"):

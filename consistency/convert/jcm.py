@@ -11,8 +11,15 @@ import numpy as np
 from consistency.models.ncsnpp import NCSNpp
 
 STATE_KEYS = (
-    "step", "lr", "ema_rate", "params", "params_ema", "model_state", "opt_state", "rng_state",
-)  # fmt: skip
+    "step",
+    "lr",
+    "ema_rate",
+    "params",
+    "params_ema",
+    "model_state",
+    "opt_state",
+    "rng_state",
+)
 OPTIONAL_STATE_KEYS = ("target_params",)  # present in StateWithTarget (CT checkpoints)
 PARAM_TREES = ("params_ema", "params", "target_params")
 _XZ_MAGIC = b"\xfd7zXZ\x00"

@@ -175,9 +175,15 @@ def zero_shot_edit(
 
     # Algorithm 1's scan with the projection folded into f: one re-noising formula in the codebase.
     x = multistep_sample(
-        projected_fn, x_init, jnp.asarray(sigmas, jnp.float32), noise,
-        sigma_min=sigma_min, sigma_max=sigma_max, clip_denoised=False, clip_output=False,
-    )  # fmt: skip
+        projected_fn,
+        x_init,
+        jnp.asarray(sigmas, jnp.float32),
+        noise,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        clip_denoised=False,
+        clip_output=False,
+    )
     return x, reference
 
 
@@ -262,10 +268,15 @@ def stroke_guided(
     strokes = jnp.asarray(strokes, jnp.float32)
     x_init, noise = _start_and_noise(strokes, sigmas, x_init, noise, key, sample_ids)
     return multistep_sample(
-        consistency_fn, x_init, jnp.asarray(sigmas, jnp.float32), noise,
-        sigma_min=sigma_min, sigma_max=sigma_max,
-        clip_denoised=clip_denoised, clip_output=clip_output,
-    )  # fmt: skip
+        consistency_fn,
+        x_init,
+        jnp.asarray(sigmas, jnp.float32),
+        noise,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        clip_denoised=clip_denoised,
+        clip_output=clip_output,
+    )
 
 
 def denoise(

@@ -96,9 +96,18 @@ def consistency_loss_at(
 
 
 def _discrete_consistency_loss(
-    consistency_fn, params, target_params, teacher_step, x0, key, *, num_scales, grid,
-    index_sampler, **kw,
-) -> tuple[jax.Array, Metrics]:  # fmt: skip
+    consistency_fn,
+    params,
+    target_params,
+    teacher_step,
+    x0,
+    key,
+    *,
+    num_scales,
+    grid,
+    index_sampler,
+    **kw,
+) -> tuple[jax.Array, Metrics]:
     k_idx, k_z, k_drop = jax.random.split(key, 3)
     index = (index_sampler or sample_train_indices)(k_idx, x0.shape[0], num_scales)
     t = karras_sigma(index, num_scales, **grid)
@@ -140,10 +149,18 @@ def consistency_distillation_loss(
 
     grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     return _discrete_consistency_loss(
-        consistency_fn, params, target_params, teacher_step, x0, key,
-        num_scales=num_scales, grid=grid, distance=distance, weighting=weighting,
+        consistency_fn,
+        params,
+        target_params,
+        teacher_step,
+        x0,
+        key,
+        num_scales=num_scales,
+        grid=grid,
+        distance=distance,
+        weighting=weighting,
         index_sampler=index_sampler,
-    )  # fmt: skip
+    )
 
 
 def consistency_training_loss(
@@ -173,10 +190,18 @@ def consistency_training_loss(
 
     grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     return _discrete_consistency_loss(
-        consistency_fn, params, target_params, data_step, x0, key,
-        num_scales=num_scales, grid=grid, distance=distance, weighting=weighting,
+        consistency_fn,
+        params,
+        target_params,
+        data_step,
+        x0,
+        key,
+        num_scales=num_scales,
+        grid=grid,
+        distance=distance,
+        weighting=weighting,
         index_sampler=index_sampler,
-    )  # fmt: skip
+    )
 
 
 def easy_consistency_loss(
@@ -247,10 +272,10 @@ def continuous_consistency_loss(
         x_tangent = -z
     else:
         x_tangent = jax.lax.stop_gradient((teacher_denoise(x_t, t) - x_t) / broadcast_to(t, x0))
-    f = lambda x, s: consistency_fn(params, x, s, k_drop)  # noqa: E731
+    f = lambda x, s: consistency_fn(params, x, s, k_drop)
     out, v = consistency_tangent(f, x_t, t, x_tangent)
     if stopgrad:
-        flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
+        flat = lambda a: a.reshape(a.shape[0], -1)
         per = -jnp.sum(flat(jax.lax.stop_gradient(v)) * flat(out), axis=1)
     else:
         per = distance(v, jnp.zeros_like(v))
@@ -329,7 +354,7 @@ def scm_loss(
     else:
         dxdt = jax.lax.stop_gradient(velocity_fn(x_t, t))
     frozen = jax.lax.stop_gradient(params)
-    f_minus = lambda x_in, tt: net_fn(frozen, x_in, tt, k_drop)  # noqa: E731
+    f_minus = lambda x_in, tt: net_fn(frozen, x_in, tt, k_drop)
     F_minus, g = trigflow_tangent(f_minus, x_t, t, dxdt, warmup=warmup, sigma_data=sigma_data)
     g_norm = jnp.sqrt(jnp.sum(g.reshape(batch, -1) ** 2, axis=1))
     g = g / broadcast_to(g_norm + tangent_c, g)

@@ -197,7 +197,12 @@ def sample(
             [per_sample_normal(key, sample_ids, shape, j + 1) for j in range(num - 1)]
         )
     return multistep_sample(
-        consistency_fn, x_T, jnp.asarray(sigmas, jnp.float32), noise,
-        sigma_min=sigma_min, sigma_max=sigma_max,
-        clip_denoised=clip_denoised, clip_output=clip_output,
-    )  # fmt: skip
+        consistency_fn,
+        x_T,
+        jnp.asarray(sigmas, jnp.float32),
+        noise,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        clip_denoised=clip_denoised,
+        clip_output=clip_output,
+    )

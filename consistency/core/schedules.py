@@ -225,7 +225,7 @@ def lognormal_index_probs(
     valid = index < n - 1
     safe = jnp.minimum(index, n - 2)
     grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
-    cdf = lambda s: jax.scipy.special.erf((jnp.log(s) - p_mean) / (math.sqrt(2.0) * p_std))  # noqa: E731
+    cdf = lambda s: jax.scipy.special.erf((jnp.log(s) - p_mean) / (math.sqrt(2.0) * p_std))
     mass = cdf(karras_sigma(safe, n, **grid)) - cdf(karras_sigma(safe + 1, n, **grid))
     mass = jnp.where(valid, mass, 0.0)
     return mass / jnp.sum(mass)

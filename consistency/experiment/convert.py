@@ -107,9 +107,12 @@ def convert(config, *, source: str, checkpoint: str, out: str, jcm_tree="params_
     if writer.latest_step() is not None:
         raise FileExistsError(f"{ckpt_dir} already holds a checkpoint; choose a fresh --out")
     state = TrainState(
-        step=np.zeros((), np.int32), params=params, target_params=params, ema_params=(params,),
+        step=np.zeros((), np.int32),
+        params=params,
+        target_params=params,
+        ema_params=(params,),
         opt_state=None,
-    )  # fmt: skip
+    )
     meta = {
         "model": config.model.name,
         "params": checkpoints.param_fingerprint(template),
@@ -143,9 +146,12 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     ckpt_dir, count = convert(
-        FLAGS.config, source=FLAGS.source, checkpoint=FLAGS.checkpoint, out=FLAGS.out,
+        FLAGS.config,
+        source=FLAGS.source,
+        checkpoint=FLAGS.checkpoint,
+        out=FLAGS.out,
         jcm_tree=FLAGS.jcm_tree,
-    )  # fmt: skip
+    )
     print(f"{FLAGS.config.model.name}: {count:,} parameters from {FLAGS.source} {FLAGS.checkpoint}")
     print(f"wrote {ckpt_dir} step 0 (params = target = EMA copy 0; no optimiser state)")
     path = config_flags.get_config_filename(FLAGS["config"])

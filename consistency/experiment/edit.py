@@ -53,7 +53,7 @@ def make_edit_fn(config, network: networks.Network):
     opts = dict(key=key, clip_denoised=sampler.clip_denoised, **levels)
 
     def fn(params, images, mask, labels, ids):
-        f = lambda x, s: cm(params, x, s, labels, None)  # noqa: E731
+        f = lambda x, s: cm(params, x, s, labels, None)
         if task == "inpaint":
             return editing.inpaint(f, images, mask, sigmas, sample_ids=ids, **opts)
         if task == "colorize":
@@ -89,7 +89,7 @@ def _interpolate(config, network, params):
     def fn(params, labels):
         z0 = samplers.per_sample_normal(key, ids, shape, 0)
         z1 = samplers.per_sample_normal(key, ids, shape, 1)
-        f = lambda x, s: cm(params, x, s, jnp.tile(labels, len(alphas)), None)  # noqa: E731
+        f = lambda x, s: cm(params, x, s, jnp.tile(labels, len(alphas)), None)
         x = editing.interpolate(f, z0, z1, alphas, sigma_max=sigma_max)  # [K, P, ...]
         return jnp.swapaxes(x, 0, 1).reshape(-1, *shape)  # pair-major
 
@@ -140,8 +140,14 @@ def run_edit(config, workdir) -> EditResult:
         edited, names, labels = _interpolate(config, network, params)
         k = e.num_interpolations
         keep = labels if d.class_conditional else None
-        grid = write_edits(out_dir, "interpolations", names, edited, keep, list(
-            edited.reshape(-1, k, *edited.shape[1:])))  # fmt: skip
+        grid = write_edits(
+            out_dir,
+            "interpolations",
+            names,
+            edited,
+            keep,
+            list(edited.reshape(-1, k, *edited.shape[1:])),
+        )
         print(f"wrote {len(edited)} interpolations ({e.num_pairs} pairs) to {out_dir}; {grid}")
         return EditResult(None, None, edited, out_dir, names)
     images, names, labels = image_io.read_images(e.input, num_channels=d.num_channels)
@@ -152,7 +158,7 @@ def run_edit(config, workdir) -> EditResult:
     mask = image_io.read_mask(e.mask, d.image_size)
     masks = np.broadcast_to(mask, images.shape)
     edit = make_edit_fn(config, network)
-    fn = lambda x, m, y, i: edit(params, x, m, y, i)  # noqa: E731
+    fn = lambda x, m, y, i: edit(params, x, m, y, i)
     edited, reference = _batched(fn, config.sampling.batch_size, images, masks, labels, ids)
     rows = [images, edited] if e.task == "stroke" else [images, reference, edited]
     stem = pathlib.Path(e.input).stem

@@ -99,11 +99,16 @@ def _setting_dir(config, workdir, step: int, setting: str, sampler, kind: str) -
     """WORKDIR/eval/step_{k}/{setting}-{hash of everything the chunks depend on}."""
     s, m, e = config.sampling, config.model, config.eval
     keyed = dict(
-        setting=setting, seed=s.seed, ema=e.ema_index, features=kind,
+        setting=setting,
+        seed=s.seed,
+        ema=e.ema_index,
+        features=kind,
         inception=pathlib.Path(e.inception_path).name if kind == "inception" else "",
-        classifier=digits.HPARAMS if kind == "digits" else {}, class_label=s.class_label,
-        sampler=dataclasses.asdict(sampler), grid=[m.sigma_min, m.sigma_max, m.rho],
-    )  # fmt: skip
+        classifier=digits.HPARAMS if kind == "digits" else {},
+        class_label=s.class_label,
+        sampler=dataclasses.asdict(sampler),
+        grid=[m.sigma_min, m.sigma_max, m.rho],
+    )
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
     name = setting.replace(",", "-").replace("=", "-") + "-" + digest
     return pathlib.Path(workdir) / "eval" / f"step_{step}" / name
@@ -222,7 +227,7 @@ def reference(config, workdir, extract, mesh, kind: str) -> tuple[dict, str]:
     tag = [d.name, e.reference_split, d.image_size, d.num_channels, e.reference_limit, kind,
            network_tag]  # fmt: skip
     cache = path_for(cache_dir(config, workdir), "reference", tag)
-    compute = lambda: reference_statistics(  # noqa: E731
+    compute = lambda: reference_statistics(
         split_features(config, e.reference_split, extract, mesh, limit=e.reference_limit)
     )
     limit = f", first {e.reference_limit}" if e.reference_limit > 0 else ""

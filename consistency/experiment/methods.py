@@ -83,11 +83,14 @@ def _grid(config) -> NoiseGrid:
 def _curriculum(config, **overrides) -> Curriculum:
     t = config.training
     fields = dict(
-        target_ema_mode=t.target_ema_mode, scale_mode=t.scale_mode, start_ema=t.start_ema,
-        start_scales=t.start_scales, end_scales=t.end_scales,
+        target_ema_mode=t.target_ema_mode,
+        scale_mode=t.scale_mode,
+        start_ema=t.start_ema,
+        start_scales=t.start_scales,
+        end_scales=t.end_scales,
         total_steps=t.total_steps if t.total_steps > 0 else t.num_steps,
         distill_steps_per_iter=t.distill_steps_per_iter,
-    )  # fmt: skip
+    )
     try:
         return Curriculum(**{**fields, **overrides})
     except ValueError as e:  # the schedule's messages start with the key
@@ -111,9 +114,14 @@ class EDM(Method):
     def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
         y = batch["label"]
         return losses.edm_loss(
-            lambda p, x, s, k: fns.denoiser(p, x, s, y, k), params, batch["image"], key,
-            sigma_data=self.sigma_data, p_mean=self.p_mean, p_std=self.p_std,
-        )  # fmt: skip
+            lambda p, x, s, k: fns.denoiser(p, x, s, y, k),
+            params,
+            batch["image"],
+            key,
+            sigma_data=self.sigma_data,
+            p_mean=self.p_mean,
+            p_std=self.p_std,
+        )
 
     @classmethod
     def from_config(cls, config):
@@ -151,18 +159,26 @@ class CT(Method):
 
         def sample(key, batch, num_scales):
             return schedules.sample_lognormal_indices(
-                key, batch, num_scales, max_scales=self.schedule_spec.max_scales,
-                p_mean=self.p_mean, p_std=self.p_std, **self.grid.kwargs(),
-            )  # fmt: skip
+                key,
+                batch,
+                num_scales,
+                max_scales=self.schedule_spec.max_scales,
+                p_mean=self.p_mean,
+                p_std=self.p_std,
+                **self.grid.kwargs(),
+            )
 
         return sample
 
     def _kwargs(self, distance, step):
         _, num_scales = self.schedule(step)
         return dict(
-            num_scales=num_scales, distance=distance, index_sampler=self.index_sampler(),
-            weighting=_weighting(self.weighting, self.sigma_data), **self.grid.kwargs(),
-        )  # fmt: skip
+            num_scales=num_scales,
+            distance=distance,
+            index_sampler=self.index_sampler(),
+            weighting=_weighting(self.weighting, self.sigma_data),
+            **self.grid.kwargs(),
+        )
 
     def _target(self, params, target_params):
         return target_params if self.keeps_target else params  # stop_gradient is in the loss
@@ -170,10 +186,13 @@ class CT(Method):
     def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
         y = batch["label"]
         return losses.consistency_training_loss(
-            lambda p, x, s, k: fns.consistency(p, x, s, y, k), params,
-            self._target(params, target_params), batch["image"], key,
+            lambda p, x, s, k: fns.consistency(p, x, s, y, k),
+            params,
+            self._target(params, target_params),
+            batch["image"],
+            key,
             **self._kwargs(distance, step),
-        )  # fmt: skip
+        )
 
     @classmethod
     def _fields(cls, config) -> dict[str, Any]:
@@ -184,10 +203,14 @@ class CT(Method):
                 f"use training.loss='pd' (not {cls.name!r})"
             )
         return dict(
-            grid=_grid(config), schedule_spec=_curriculum(config), weighting=t.weighting,
-            sigma_data=config.model.sigma_data, index_sampling=t.index_sampling,
-            p_mean=t.p_mean, p_std=t.p_std,
-        )  # fmt: skip
+            grid=_grid(config),
+            schedule_spec=_curriculum(config),
+            weighting=t.weighting,
+            sigma_data=config.model.sigma_data,
+            index_sampling=t.index_sampling,
+            p_mean=t.p_mean,
+            p_std=t.p_std,
+        )
 
     @classmethod
     def from_config(cls, config):
@@ -205,11 +228,15 @@ class CD(CT):
     def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
         y = batch["label"]
         return losses.consistency_distillation_loss(
-            lambda p, x, s, k: fns.consistency(p, x, s, y, k), params,
+            lambda p, x, s, k: fns.consistency(p, x, s, y, k),
+            params,
             self._target(params, target_params),
             lambda x, s: fns.denoiser(teacher_params, x, s, y, None),
-            ode.get_solver(self.solver), batch["image"], key, **self._kwargs(distance, step),
-        )  # fmt: skip
+            ode.get_solver(self.solver),
+            batch["image"],
+            key,
+            **self._kwargs(distance, step),
+        )
 
     @classmethod
     def from_config(cls, config):
@@ -239,10 +266,13 @@ class PD(Method):
     @property
     def curriculum(self) -> Curriculum:
         return Curriculum(
-            target_ema_mode="fixed", scale_mode="progdist", start_ema=1.0,
-            start_scales=self.start_scales, end_scales=self.start_scales,
+            target_ema_mode="fixed",
+            scale_mode="progdist",
+            start_ema=1.0,
+            start_scales=self.start_scales,
+            end_scales=self.start_scales,
             distill_steps_per_iter=self.distill_steps_per_iter,
-        )  # fmt: skip
+        )
 
     @property
     def keeps_target(self) -> bool:
@@ -258,20 +288,27 @@ class PD(Method):
         y = batch["label"]
         _, num_scales = self.schedule(step)
         return losses.progressive_distillation_loss(
-            lambda p, x, s, k: fns.denoiser(p, x, s, y, k), params,
-            lambda x, s: fns.denoiser(target_params, x, s, y, None), batch["image"], key,
-            num_scales=num_scales, distance=distance,
-            weighting=_weighting(self.weighting, self.sigma_data), **self.grid.kwargs(),
-        )  # fmt: skip
+            lambda p, x, s, k: fns.denoiser(p, x, s, y, k),
+            params,
+            lambda x, s: fns.denoiser(target_params, x, s, y, None),
+            batch["image"],
+            key,
+            num_scales=num_scales,
+            distance=distance,
+            weighting=_weighting(self.weighting, self.sigma_data),
+            **self.grid.kwargs(),
+        )
 
     @classmethod
     def from_config(cls, config):
         t = config.training
         return cls(
-            grid=_grid(config), start_scales=t.start_scales,
-            distill_steps_per_iter=t.distill_steps_per_iter, weighting=t.weighting,
+            grid=_grid(config),
+            start_scales=t.start_scales,
+            distill_steps_per_iter=t.distill_steps_per_iter,
+            weighting=t.weighting,
             sigma_data=config.model.sigma_data,
-        )  # fmt: skip
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,21 +334,37 @@ class ECT(Method):
         y = batch["label"]
         fn = fns.denoiser if self.scalings == "edm" else fns.consistency
         return losses.easy_consistency_loss(
-            lambda p, x, s, k: fn(p, x, s, y, k), params, batch["image"], key, step,
-            distance=distance, weighting=_weighting(self.weighting, self.sigma_data),
-            p_mean=self.p_mean, p_std=self.p_std, q=self.q, k=self.k, b=self.b,
+            lambda p, x, s, k: fn(p, x, s, y, k),
+            params,
+            batch["image"],
+            key,
+            step,
+            distance=distance,
+            weighting=_weighting(self.weighting, self.sigma_data),
+            p_mean=self.p_mean,
+            p_std=self.p_std,
+            q=self.q,
+            k=self.k,
+            b=self.b,
             stage_steps=self.stage_steps,
             r_min=0.0 if self.scalings == "edm" else self.sigma_min,
-        )  # fmt: skip
+        )
 
     @classmethod
     def from_config(cls, config):
         t, m = config.training, config.model
         return cls(
-            weighting=t.weighting, sigma_data=m.sigma_data, sigma_min=m.sigma_min,
-            p_mean=t.p_mean, p_std=t.p_std, q=t.ect_q, k=t.ect_k, b=t.ect_b,
-            stage_steps=t.ect_stage_steps, scalings=t.ect_scalings,
-        )  # fmt: skip
+            weighting=t.weighting,
+            sigma_data=m.sigma_data,
+            sigma_min=m.sigma_min,
+            p_mean=t.p_mean,
+            p_std=t.p_std,
+            q=t.ect_q,
+            k=t.ect_k,
+            b=t.ect_b,
+            stage_steps=t.ect_stage_steps,
+            scalings=t.ect_scalings,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,11 +386,16 @@ class CTContinuous(Method):
     def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
         y = batch["label"]
         return losses.continuous_consistency_loss(
-            lambda p, x, s, k: fns.consistency(p, x, s, y, k), params, batch["image"], key,
-            teacher_denoise=self._teacher(fns, teacher_params, y), stopgrad=self.stopgrad,
-            distance=distance, weighting=_weighting(self.weighting, self.sigma_data),
+            lambda p, x, s, k: fns.consistency(p, x, s, y, k),
+            params,
+            batch["image"],
+            key,
+            teacher_denoise=self._teacher(fns, teacher_params, y),
+            stopgrad=self.stopgrad,
+            distance=distance,
+            weighting=_weighting(self.weighting, self.sigma_data),
             **self.grid.kwargs(),
-        )  # fmt: skip
+        )
 
     @classmethod
     def from_config(cls, config):
@@ -348,9 +406,11 @@ class CTContinuous(Method):
                 f"of the l2 norm), not {t.distance!r}"
             )
         return cls(
-            grid=_grid(config), stopgrad=t.continuous_stopgrad, weighting=t.weighting,
+            grid=_grid(config),
+            stopgrad=t.continuous_stopgrad,
+            weighting=t.weighting,
             sigma_data=config.model.sigma_data,
-        )  # fmt: skip
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,19 +443,29 @@ class SCT(Method):
     def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
         y = batch["label"]
         return losses.scm_loss(
-            lambda p, x_in, s, k: fns.raw(p, x_in, s, y, k), fns.log_weight, params,
-            batch["image"], key, velocity_fn=self._velocity(fns, teacher_params, y),
-            warmup=schedules.tangent_warmup(step, self.warmup_steps), sigma_data=self.sigma_data,
-            p_mean=self.p_mean, p_std=self.p_std, tangent_c=self.tangent_c,
-        )  # fmt: skip
+            lambda p, x_in, s, k: fns.raw(p, x_in, s, y, k),
+            fns.log_weight,
+            params,
+            batch["image"],
+            key,
+            velocity_fn=self._velocity(fns, teacher_params, y),
+            warmup=schedules.tangent_warmup(step, self.warmup_steps),
+            sigma_data=self.sigma_data,
+            p_mean=self.p_mean,
+            p_std=self.p_std,
+            tangent_c=self.tangent_c,
+        )
 
     @classmethod
     def from_config(cls, config):
         t = config.training
         return cls(
-            sigma_data=config.model.sigma_data, p_mean=t.p_mean, p_std=t.p_std,
-            tangent_c=t.scm_tangent_c, warmup_steps=t.scm_warmup_steps,
-        )  # fmt: skip
+            sigma_data=config.model.sigma_data,
+            p_mean=t.p_mean,
+            p_std=t.p_std,
+            tangent_c=t.scm_tangent_c,
+            warmup_steps=t.scm_warmup_steps,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,17 +522,23 @@ def problems(config) -> list[str]:
             f"one of {cls.parameterizations}"
         )
     if cls.needs_logvar and m.logvar_features < 1:
-        out.append(f"model.logvar_features: training.loss={t.loss!r} needs > 0 (the learned "
-                   "weighting)")  # fmt: skip
+        out.append(
+            f"model.logvar_features: training.loss={t.loss!r} needs > 0 (the learned weighting)"
+        )
     if t.index_sampling not in INDEX_SAMPLINGS:
-        out.append(f"training.index_sampling: unknown {t.index_sampling!r}; choose one of "
-                   f"{INDEX_SAMPLINGS}")  # fmt: skip
+        out.append(
+            f"training.index_sampling: unknown {t.index_sampling!r}; choose one of "
+            f"{INDEX_SAMPLINGS}"
+        )
     if t.ect_scalings not in ECT_SCALINGS:
-        out.append(f"training.ect_scalings: unknown {t.ect_scalings!r}; choose one of "
-                   f"{ECT_SCALINGS}")  # fmt: skip
+        out.append(
+            f"training.ect_scalings: unknown {t.ect_scalings!r}; choose one of {ECT_SCALINGS}"
+        )
     if t.weighting not in parameterization.WEIGHTINGS:
-        out.append(f"training.weighting: unknown {t.weighting!r}; choose one of "
-                   f"{parameterization.WEIGHTINGS}")  # fmt: skip
+        out.append(
+            f"training.weighting: unknown {t.weighting!r}; choose one of "
+            f"{parameterization.WEIGHTINGS}"
+        )
     if t.solver not in ode.SOLVERS:
         out.append(f"training.solver: unknown {t.solver!r}; choose one of {ode.SOLVERS}")
     if t.distance not in ALL_DISTANCES:

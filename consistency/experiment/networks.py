@@ -113,14 +113,19 @@ def _network(config: ml_collections.ConfigDict) -> Network:
         return Network(NCSNpp(**m.ncsnpp, **common), "ncsnpp", takes_labels=False)
     a = m.adm
     module = ADMUNet(
-        model_channels=a.model_channels, out_channels=d.num_channels,
-        num_res_blocks=a.num_res_blocks, channel_mult=tuple(a.channel_mult),
+        model_channels=a.model_channels,
+        out_channels=d.num_channels,
+        num_res_blocks=a.num_res_blocks,
+        channel_mult=tuple(a.channel_mult),
         attention_resolutions=attention_ds(d.image_size, tuple(a.attention_resolutions)),
-        num_classes=num_classes or None, num_heads=a.num_heads,
-        num_head_channels=a.num_head_channels, use_scale_shift_norm=a.use_scale_shift_norm,
-        resblock_updown=a.resblock_updown, **common,
+        num_classes=num_classes or None,
+        num_heads=a.num_heads,
+        num_head_channels=a.num_head_channels,
+        use_scale_shift_norm=a.use_scale_shift_norm,
+        resblock_updown=a.resblock_updown,
+        **common,
         dropout_min_ds=d.image_size // a.dropout_resolution if a.dropout_resolution > 0 else 1,
-    )  # fmt: skip
+    )
     return Network(module, "adm", takes_labels=bool(num_classes))
 
 
@@ -143,7 +148,7 @@ def model_fn(network: Network, config, kind: str) -> Callable:
         noise_cond = functools.partial(parameterization.trigflow_time, sigma_data=m.sigma_data)
 
     def fn(params, x, sigma, y, dropout_key):
-        net = lambda x_in, c: network.apply(params, x_in, c, y, dropout_key)  # noqa: E731
+        net = lambda x_in, c: network.apply(params, x_in, c, y, dropout_key)
         return parameterization.precondition(
             net, x, sigma, scalings=scalings, noise_cond=noise_cond
         )

@@ -30,18 +30,24 @@ def make_sampler(fns: methods.ModelFns, sampler: SamplerSpec, grid: NoiseGrid, s
 
         def diffusion(params, key, ids, labels):
             x_T = grid.sigma_max * samplers.per_sample_normal(key, ids, shape, 0)
-            d_fn = lambda x, sig: fns.denoiser(params, x, sig, labels, None)  # noqa: E731
+            d_fn = lambda x, sig: fns.denoiser(params, x, sig, labels, None)
             return jnp.clip(solve(d_fn, x_T, sigmas, clip_denoised=clip), -1.0, 1.0)
 
         return jax.jit(diffusion)
     sigmas = np.asarray(sampler.sigmas, np.float32)
 
     def consistency(params, key, ids, labels):
-        f = lambda x, sig: fns.consistency(params, x, sig, labels, None)  # noqa: E731
+        f = lambda x, sig: fns.consistency(params, x, sig, labels, None)
         return samplers.sample(
-            f, key, ids, shape, sigmas, sigma_min=grid.sigma_min, sigma_max=grid.sigma_max,
+            f,
+            key,
+            ids,
+            shape,
+            sigmas,
+            sigma_min=grid.sigma_min,
+            sigma_max=grid.sigma_max,
             clip_denoised=clip,
-        )  # fmt: skip
+        )
 
     return jax.jit(consistency)
 
@@ -66,7 +72,7 @@ def sample_labels(config, ids: np.ndarray) -> np.ndarray:
             raise ValueError(f"sampling.class_label {s.class_label} >= data.num_classes")
         return np.full(len(ids), s.class_label, np.int32)
     key = jax.random.fold_in(jax.random.key(s.seed), 1 << 20)
-    draw = lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0, d.num_classes)  # noqa: E731
+    draw = lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0, d.num_classes)
     return np.asarray(jax.vmap(draw)(jnp.asarray(ids, jnp.uint32)), np.int32)
 
 
@@ -112,8 +118,9 @@ def run_sample(config, workdir) -> pathlib.Path:
     images, labels = generate(config, network, params, s.num_samples)
     out = write_samples(
         pathlib.Path(workdir) / "samples" / f"step_{step}",
-        images, labels if config.data.class_conditional else None,
-    )  # fmt: skip
+        images,
+        labels if config.data.class_conditional else None,
+    )
     print(f"wrote {out} ({len(images)} images from checkpoint step {step})")
     return out
 

@@ -173,11 +173,15 @@ def _sampling_problems(config) -> list[str]:
     s, d, t = config.sampling, config.data, config.training
     out = []
     if d.class_conditional and s.class_label >= d.num_classes:
-        out.append(f"sampling.class_label={s.class_label}: must be < data.num_classes "
-                   f"({d.num_classes}), or -1 for random labels")  # fmt: skip
+        out.append(
+            f"sampling.class_label={s.class_label}: must be < data.num_classes "
+            f"({d.num_classes}), or -1 for random labels"
+        )
     if s.ema_index >= len(t.ema_rates):
-        out.append(f"sampling.ema_index={s.ema_index}: the run keeps {len(t.ema_rates)} EMA "
-                   "copies (training.ema_rates)")  # fmt: skip
+        out.append(
+            f"sampling.ema_index={s.ema_index}: the run keeps {len(t.ema_rates)} EMA "
+            "copies (training.ema_rates)"
+        )
     try:
         sampler(config)
     except ValueError as e:
@@ -191,8 +195,10 @@ def _edit_problems(config) -> list[str]:
     if out:
         return out
     if methods.row(config.training.loss).samples_as != "consistency":
-        out.append(f"training.loss={config.training.loss!r}: --mode=edit needs a consistency "
-                   "model, not a diffusion teacher")  # fmt: skip
+        out.append(
+            f"training.loss={config.training.loss!r}: --mode=edit needs a consistency "
+            "model, not a diffusion teacher"
+        )
     if e.task == "colorize" and d.num_channels != 3:
         out.append(f"edit.task='colorize' needs RGB images, but data.num_channels={d.num_channels}")
     if e.task == "superres" and d.image_size % e.patch_size:
@@ -219,8 +225,10 @@ def _eval_problems(config, num_devices: int | None) -> list[str]:
             out.append(str(err))
     if num_devices is not None and "eval.batch_size" not in " ".join(out):
         if e.batch_size % num_devices:
-            out.append(f"eval.batch_size={e.batch_size} must be divisible by the device count "
-                       f"({num_devices})")  # fmt: skip
+            out.append(
+                f"eval.batch_size={e.batch_size} must be divisible by the device count "
+                f"({num_devices})"
+            )
     return out
 
 
@@ -348,8 +356,11 @@ def sampler(config, setting: str | None = None) -> SamplerSpec:
             )
         sigmas = tuple(values) if explicit else ()
         ts, steps = (() if explicit or values == [1] else tuple(values)), s.steps
-    return SamplerSpec(kind="consistency", sigmas=_sigmas(config, sigmas, ts, steps, "sampling"),
-                       clip_denoised=clip)  # fmt: skip
+    return SamplerSpec(
+        kind="consistency",
+        sigmas=_sigmas(config, sigmas, ts, steps, "sampling"),
+        clip_denoised=clip,
+    )
 
 
 def _sigmas(config, sigmas, ts, steps, section: str) -> tuple[float, ...]:
@@ -378,5 +389,6 @@ def edit_sampler(config) -> SamplerSpec:
         grid = np.linspace(start, e.steps - 1, DEFAULT_EDIT_EVALUATIONS + 1)
         ts = tuple(int(t) for t in np.unique(np.round(grid)))
     sigmas = _sigmas(config, (), ts, e.steps, "edit")
-    return SamplerSpec(kind="consistency", sigmas=sigmas,
-                       clip_denoised=config.sampling.clip_denoised)  # fmt: skip
+    return SamplerSpec(
+        kind="consistency", sigmas=sigmas, clip_denoised=config.sampling.clip_denoised
+    )

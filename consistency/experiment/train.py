@@ -112,10 +112,17 @@ def _batches(config, mesh, start_step: int):
     index, count = sharding.process_rows(mesh, t.batch_size)
     source = data.make_source(d.name, split=d.split, data_dir=d.data_dir or None, folder=d.folder)
     return data.make_batches(
-        source, seed=config.seed, local_batch=t.batch_size // count, image_size=d.image_size,
-        num_channels=d.num_channels, random_flip=d.random_flip, start_step=start_step,
-        process_index=index, process_count=count, num_threads=d.num_threads,
-    )  # fmt: skip
+        source,
+        seed=config.seed,
+        local_batch=t.batch_size // count,
+        image_size=d.image_size,
+        num_channels=d.num_channels,
+        random_flip=d.random_flip,
+        start_step=start_step,
+        process_index=index,
+        process_count=count,
+        num_threads=d.num_threads,
+    )
 
 
 def train_and_evaluate(config, workdir: str, *, devices=None) -> TrainState:

@@ -27,7 +27,7 @@ class TrainState(struct.PyTreeNode):
         cls, params, tx: optax.GradientTransformation, *, num_ema: int, with_target: bool
     ) -> "TrainState":
         """Fresh state: target and every EMA copy start equal to the online params."""
-        copy = lambda: jax.tree.map(jnp.array, params)  # noqa: E731
+        copy = lambda: jax.tree.map(jnp.array, params)
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -66,9 +66,12 @@ def apply_gradients(
     target = None if state.target_params is None else ema(state.target_params, params, target_ema)
     emas = tuple(ema(e, params, r) for e, r in zip(state.ema_params, ema_rates, strict=True))
     return state.replace(
-        step=state.step + 1, params=params, target_params=target, ema_params=emas,
+        step=state.step + 1,
+        params=params,
+        target_params=target,
+        ema_params=emas,
         opt_state=opt_state,
-    )  # fmt: skip
+    )
 
 
 OPTIMIZERS = ("radam", "adam")
@@ -115,9 +118,15 @@ def optimizer(config):
     """The configured optax optimiser."""
     o = config.optim
     return make_optimizer(
-        o.optimizer, lr=o.lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
-        weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip,
-    )  # fmt: skip
+        o.optimizer,
+        lr=o.lr,
+        beta1=o.beta1,
+        beta2=o.beta2,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        warmup_steps=o.warmup_steps,
+        grad_clip=o.grad_clip,
+    )
 
 
 def learning_rate(config):

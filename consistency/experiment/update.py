@@ -51,9 +51,10 @@ def restart_stage(state: TrainState, restart: jax.Array, tx) -> TrainState:
         return jax.tree.map(lambda x, y: jnp.where(restart, x, y), a, b)
 
     return state.replace(
-        params=pick(new, state.params), target_params=pick(new, state.target_params),
+        params=pick(new, state.params),
+        target_params=pick(new, state.target_params),
         opt_state=pick(tx.init(new), state.opt_state),
-    )  # fmt: skip
+    )
 
 
 def make_train_step(
@@ -90,18 +91,22 @@ def make_train_step(
         new_state = apply_gradients(state, grads, tx, target_ema=mu, ema_rates=rates)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         metrics = dict(
-            loss=value, grad_norm=grad_norm, lr=lr_fn(state.step),
-            num_scales=num_scales.astype(jnp.float32), target_ema=mu, finite=finite,
+            loss=value,
+            grad_norm=grad_norm,
+            lr=lr_fn(state.step),
+            num_scales=num_scales.astype(jnp.float32),
+            target_ema=mu,
+            finite=finite,
             **_quartile_losses(per, aux["sigma"], spec.grid),
             # Loss-specific diagnostics (ECT's r, sCM's logvar and tangent norm), batch means.
             **{k: jnp.mean(v) for k, v in aux.items() if k not in ("sigma", "index")},
-        )  # fmt: skip
+        )
         return new_state, metrics
 
     def steps(state, batches, teacher_params, distance, key):
         loss = functools.partial(method.loss, fns, distance)
         grad_fn = make_grad_fn(loss, spec.micro_batches, scan=scan, part_sharding=batches_sharding)
-        body = lambda st, b: one(st, b, teacher_params, key, grad_fn)  # noqa: E731
+        body = lambda st, b: one(st, b, teacher_params, key, grad_fn)
         n = jax.tree.leaves(batches)[0].shape[0]
         state, metrics = loop(body, state, batches, scan=scan and n > 1)
         # Mean over the fused steps; finiteness must hold for every one of them.
@@ -123,10 +128,13 @@ def step_spec(config) -> StepSpec:
     """The configured StepSpec."""
     t, m, o = config.training, config.model, config.optim
     return StepSpec(
-        ema_rates=tuple(t.ema_rates), ema_warmup=t.ema_warmup, micro_batches=t.micro_batches,
+        ema_rates=tuple(t.ema_rates),
+        ema_warmup=t.ema_warmup,
+        micro_batches=t.micro_batches,
         grid=NoiseGrid(sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho),
-        lr=o.lr, warmup_steps=o.warmup_steps,
-    )  # fmt: skip
+        lr=o.lr,
+        warmup_steps=o.warmup_steps,
+    )
 
 
 def loss_for(config, network, distance):
@@ -141,9 +149,13 @@ def train_step_for(config, network, tx, mesh, *, state_shardings=None):
     if state_shardings is None:
         state_shardings = state_sharding(config, network, tx, mesh)
     return make_train_step(
-        step_spec(config), methods.from_config(config), networks.model_fns(network, config), tx,
-        mesh, state_shardings,
-    )  # fmt: skip
+        step_spec(config),
+        methods.from_config(config),
+        networks.model_fns(network, config),
+        tx,
+        mesh,
+        state_shardings,
+    )
 
 
 def _create_fn(config, network, tx):
@@ -166,8 +178,9 @@ def abstract_state(config, network, tx, mesh) -> TrainState:
     shapes = jax.eval_shape(_create_fn(config, network, tx), jax.random.key(0), None)
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        shapes, sharding.tree_sharding(mesh, shapes),
-    )  # fmt: skip
+        shapes,
+        sharding.tree_sharding(mesh, shapes),
+    )
 
 
 def state_sharding(config, network, tx, mesh):
@@ -257,7 +270,7 @@ def make_grad_fn(loss, micro_batches: int = 1, *, scan: bool = False, part_shard
 
         zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
         (total, grads), (per, aux) = loop(body, zero, parts, scan=scan)
-        merge = lambda v: jnp.swapaxes(v, 0, 1).reshape(size, *v.shape[2:])  # noqa: E731
+        merge = lambda v: jnp.swapaxes(v, 0, 1).reshape(size, *v.shape[2:])
         grads = jax.tree.map(lambda g: g / m, grads)
         return total / m, grads, merge(per), jax.tree.map(merge, aux)
 

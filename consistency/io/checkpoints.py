@@ -167,7 +167,7 @@ class Checkpointer:
                 state, meta = self.restore(step, template, expected_meta)
             except ModelMismatchError:
                 raise
-            except Exception as e:  # noqa: BLE001 - any failure to read a step means: skip it
+            except Exception as e:
                 moved = self._quarantine(step)
                 if jax.process_index() == 0:
                     print(

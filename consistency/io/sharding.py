@@ -20,8 +20,9 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
     Devices are ordered by (process, id), so each process holds a contiguous block of the batch
     and FSDP groups are neighbours (on one host when fsdp divides its device count).
     """
-    devices = sorted(jax.devices() if devices is None else devices,
-                     key=lambda d: (d.process_index, d.id))  # fmt: skip
+    devices = sorted(
+        jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id)
+    )
     if fsdp < 1 or len(devices) % fsdp:
         raise ValueError(f"training.mesh_fsdp={fsdp} must divide the device count {len(devices)}")
     return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), BATCH_AXES)

@@ -60,15 +60,22 @@ class NCSNpp(nn.Module):
 
     def _block(self, **kwargs) -> ResnetBlockBigGANpp:
         return ResnetBlockBigGANpp(
-            dropout=self.dropout, fir=self.fir, fir_kernel=self.fir_kernel,
-            skip_rescale=self.skip_rescale, init_scale=self.init_scale, dtype=self.dtype, **kwargs,
-        )  # fmt: skip
+            dropout=self.dropout,
+            fir=self.fir,
+            fir_kernel=self.fir_kernel,
+            skip_rescale=self.skip_rescale,
+            init_scale=self.init_scale,
+            dtype=self.dtype,
+            **kwargs,
+        )
 
     def _attn(self) -> AttnBlockpp:
         return AttnBlockpp(
-            skip_rescale=self.skip_rescale, init_scale=self.init_scale,
-            attention_impl=self.attention_impl, dtype=self.dtype,
-        )  # fmt: skip
+            skip_rescale=self.skip_rescale,
+            init_scale=self.init_scale,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+        )
 
     def _down_path(self, x: jax.Array, temb: jax.Array, train: bool) -> list:
         """Encoder; returns every activation the decoder concatenates back in, in order."""

@@ -27,17 +27,26 @@ def group_norm(channels: int, dtype: jnp.dtype) -> nn.GroupNorm:
 def conv3x3(out_ch: int, *, init_scale: float = 1.0, stride: int = 1, dtype=jnp.float32) -> nn.Conv:
     """3x3 'SAME' conv with bias, variance-scaling init."""
     return nn.Conv(
-        out_ch, (3, 3), strides=(stride, stride), padding="SAME", dtype=dtype,
-        kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
-    )  # fmt: skip
+        out_ch,
+        (3, 3),
+        strides=(stride, stride),
+        padding="SAME",
+        dtype=dtype,
+        kernel_init=default_init(init_scale),
+        bias_init=nn.initializers.zeros,
+    )
 
 
 def conv1x1(out_ch: int, *, dtype=jnp.float32) -> nn.Conv:
     """1x1 conv with bias, variance-scaling init."""
     return nn.Conv(
-        out_ch, (1, 1), padding="SAME", dtype=dtype,
-        kernel_init=default_init(), bias_init=nn.initializers.zeros,
-    )  # fmt: skip
+        out_ch,
+        (1, 1),
+        padding="SAME",
+        dtype=dtype,
+        kernel_init=default_init(),
+        bias_init=nn.initializers.zeros,
+    )
 
 
 def _fir_2d(kernel: Sequence[int], gain: float = 1.0) -> np.ndarray:
@@ -52,9 +61,14 @@ def _depthwise(x: jax.Array, k2d: np.ndarray, *, pad: tuple, stride: int = 1, di
     c = x.shape[-1]
     w = jnp.broadcast_to(jnp.asarray(k2d, x.dtype)[:, :, None, None], (*k2d.shape, 1, c))
     return lax.conv_general_dilated(
-        x, w, window_strides=(stride, stride), padding=(pad, pad),
-        lhs_dilation=(dilate, dilate), dimension_numbers=_NHWC, feature_group_count=c,
-    )  # fmt: skip
+        x,
+        w,
+        window_strides=(stride, stride),
+        padding=(pad, pad),
+        lhs_dilation=(dilate, dilate),
+        dimension_numbers=_NHWC,
+        feature_group_count=c,
+    )
 
 
 def fir_downsample(x: jax.Array, kernel: Sequence[int]) -> jax.Array:

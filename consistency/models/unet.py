@@ -85,8 +85,8 @@ class UNet(nn.Module):
             if y is None:
                 raise ValueError("this UNet is class-conditional: pass labels y")
             emb = emb + nn.Embed(self.num_classes, emb_dim)(y)
-        block = lambda ch: ResBlock(ch, self.dropout, self.dtype)  # noqa: E731
-        attn = lambda: SelfAttention(self.num_heads, self.attention_impl, self.dtype)  # noqa: E731
+        block = lambda ch: ResBlock(ch, self.dropout, self.dtype)
+        attn = lambda: SelfAttention(self.num_heads, self.attention_impl, self.dtype)
         h = nn.Conv(self.channels, (3, 3), dtype=self.dtype)(x.astype(self.dtype))
         skips = [h]
         for level, mult in enumerate(self.channel_mult):
