@@ -44,6 +44,7 @@ successors_digits)
   [ -d "$T" ] || run --config=configs/scm_digits.py:teacher --workdir=$RUNS/trigflow_digits
   run --config=configs/ict_digits.py --workdir=$RUNS/ict_digits
   run --config=configs/ect_digits.py --workdir=$RUNS/ect_digits --config.training.teacher_checkpoint=$E
+  run --config=configs/pd_digits.py --workdir=$RUNS/pd_digits --config.training.teacher_checkpoint=$E
   for v in cd-l2 ct-l2; do
     run --config=configs/continuous_digits.py:$v --workdir=$RUNS/continuous_digits_$v \
       --config.training.teacher_checkpoint=$E
