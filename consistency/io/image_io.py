@@ -13,15 +13,39 @@ def to_uint8(images) -> np.ndarray:
     )
 
 
-def image_grid(images_uint8: np.ndarray, ncols: int | None = None) -> np.ndarray:
-    """Tile NHWC uint8 images into one HWC image, ncols per row (default: square-ish)."""
-    n, h, w, c = images_uint8.shape
+GRID_MIN_WIDTH = 512  # grids of small images are upscaled (nearest) to at least this width
+GRID_BORDER = 2  # pixels of the lines between (and around) the images
+GRID_BORDER_VALUE = 128  # mid grey: visible next to black and white digits
+
+
+def grid_geometry(
+    n: int, h: int, w: int, ncols: int | None = None, *, min_width: int = GRID_MIN_WIDTH
+) -> tuple[int, int, int]:
+    """(rows, columns, nearest-neighbour scale) of a grid of n images of h x w pixels."""
     ncols = ncols or math.ceil(math.sqrt(n))
-    nrows = math.ceil(n / ncols)
-    grid = np.zeros((nrows * h, ncols * w, c), np.uint8)
+    return math.ceil(n / ncols), ncols, max(1, math.ceil(min_width / (ncols * w)))
+
+
+def image_grid(
+    images_uint8: np.ndarray,
+    ncols: int | None = None,
+    *,
+    min_width: int = GRID_MIN_WIDTH,
+    border: int = GRID_BORDER,
+) -> np.ndarray:
+    """Tile NHWC uint8 images into one HWC image a person can see: ncols per row (default
+    square-ish), each upscaled by the same integer factor (nearest) until the images span at
+    least min_width pixels, with `border`-pixel grey lines between and around them."""
+    n, h, w, c = images_uint8.shape
+    nrows, ncols, scale = grid_geometry(n, h, w, ncols, min_width=min_width)
+    big = images_uint8.repeat(scale, axis=1).repeat(scale, axis=2)
+    hs, ws = h * scale, w * scale
+    shape = (nrows * (hs + border) + border, ncols * (ws + border) + border, c)
+    grid = np.full(shape, GRID_BORDER_VALUE, np.uint8)
     for k in range(n):
         r, q = divmod(k, ncols)
-        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = images_uint8[k]
+        top, left = border + r * (hs + border), border + q * (ws + border)
+        grid[top : top + hs, left : left + ws] = big[k]
     return grid
 
 
