@@ -15,8 +15,9 @@ def cifar10(config):
     config.training.snapshot_every = 10000
     config.training.ema_rates = (0.9999,)
     config.sampling.update(grid_size=64, batch_size=512, num_samples=50000)
-    # FID against the 50k training images (jcm: clean-fid's CIFAR-10 train statistics).
-    config.eval.update(reference="", reference_split="train", batch_size=512)
+    # FID against the 50k training images (jcm: clean-fid's CIFAR-10 train statistics), whose
+    # legacy_tensorflow mode resizes with the TF1 legacy map inside its Inception.
+    config.eval.update(reference="", reference_split="train", batch_size=512, resize="clean_legacy")
     return config
 
 
@@ -46,7 +47,10 @@ def imagenet64(config):
     config.training.snapshot_every = 10000
     config.sampling.update(grid_size=64, batch_size=256, num_samples=50000)
     # ADM's reference batch: download scoring.ADM_REF_BATCHES + imagenet/64/... to this path.
-    config.eval.update(reference="ref_batches/VIRTUAL_imagenet64_labeled.npz", batch_size=256)
+    # The ADM evaluator's TF1 graph resizes with the legacy ResizeBilinear.
+    config.eval.update(
+        reference="ref_batches/VIRTUAL_imagenet64_labeled.npz", batch_size=256, resize="tf1"
+    )
     return config
 
 
@@ -70,7 +74,7 @@ def lsun256(config, name="lsun_bedroom", folder=""):
     config.sampling.update(grid_size=16, batch_size=32, num_samples=50000)
     # ADM's reference batches: scoring.ADM_REF_BATCHES + lsun/{bedroom,cat}/..., to this path.
     ref = "VIRTUAL_lsun_bedroom256.npz" if name == "lsun_bedroom" else "VIRTUAL_lsun_cat256.npz"
-    config.eval.update(reference=f"ref_batches/{ref}", batch_size=32)
+    config.eval.update(reference=f"ref_batches/{ref}", batch_size=32, resize="tf1")  # ADM evaluator
     return config
 
 

@@ -163,6 +163,7 @@ def _eval() -> ml_collections.ConfigDict:
     e.settings = ("1",)  # samplers: '1' one step | 'i0,...,N-1' ts | 'sigma=80,0.8' | EDM: 'N'
     e.features = "inception"  # inception (FID Inception-v3) | digits (the digits classifier)
     e.inception_path = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+    e.resize = "torch"  # Inception's 299 px resize: torch (pytorch-fid) | tf1 (ADM) | clean_legacy
     e.reference = ""  # ADM reference batch or mu/sigma npz; '' = computed from reference_split
     e.reference_split = "train"  # dataset split of a computed reference (cached: e.cache_dir)
     e.reference_limit = 50000  # computed reference: its first this many images (0 = all)

@@ -202,3 +202,13 @@ def test_successor_config_traces_one_step_and_sampler(name, arg):
         labels,
     )
     assert images.shape == (2, 8, 8, 1)
+
+
+@pytest.mark.parametrize("name, arg", ALL)
+def test_fid_resize_protocol_is_the_one_of_the_config_table(name, arg):
+    # CIFAR-10 (jcm): clean-fid's legacy_tensorflow; ImageNet-64 and LSUN (cm): the ADM
+    # evaluator's TF1 resize; the digits use their own classifier (no resize protocol).
+    config = _load(name, arg)
+    want = {"cifar10": "clean_legacy", "imagenet64": "tf1", "lsun_bedroom": "tf1"}
+    want["image_folder"] = "tf1"  # LSUN Cat from an image folder
+    assert config.eval.resize == want.get(config.data.name, "torch"), name

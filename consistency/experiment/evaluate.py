@@ -44,7 +44,8 @@ def make_extractor(config, cache_dir: pathlib.Path):
         )
     if not pathlib.Path(e.inception_path).is_file():
         raise FileNotFoundError(f"eval.inception_path: no such file {e.inception_path!r}")
-    fn = inception.make_inception_fn(inception.load_inception_variables(e.inception_path))
+    variables = inception.load_inception_variables(e.inception_path)
+    fn = inception.make_inception_fn(variables, resize_protocol=e.resize)
 
     def extract(images):
         if images.shape[-1] == 1:  # grey images meet the RGB network as three equal channels
@@ -104,6 +105,7 @@ def _setting_dir(config, workdir, step: int, setting: str, sampler, kind: str) -
         ema=e.ema_index,
         features=kind,
         inception=pathlib.Path(e.inception_path).name if kind == "inception" else "",
+        resize=e.resize if kind == "inception" else "",
         classifier=digits.HPARAMS if kind == "digits" else {},
         class_label=s.class_label,
         sampler=dataclasses.asdict(sampler),
@@ -204,7 +206,9 @@ def reference(config, workdir, extract, mesh, kind: str) -> tuple[dict, str]:
     '' computes them from the eval.reference_split images, cached in `cache_dir`.
     """
     e, d = config.eval, config.data
-    network_tag = digits.HPARAMS if kind == "digits" else pathlib.Path(e.inception_path).name
+    network_tag = (
+        digits.HPARAMS if kind == "digits" else f"{pathlib.Path(e.inception_path).name}:{e.resize}"
+    )
     if e.reference:
         path = pathlib.Path(e.reference)
         if not path.is_file():

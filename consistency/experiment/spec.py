@@ -14,6 +14,7 @@ from consistency.core.samplers import SamplerSpec
 from consistency.core.schedules import NoiseGrid
 from consistency.experiment import methods, networks, train_state
 from consistency.io import data
+from consistency.measure import inception
 
 MODES = ("train", "sample", "edit", "eval")
 TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
@@ -121,6 +122,7 @@ _EDIT_RULES = {
 _EVAL_RULES = {
     "eval.num_samples": (_int(2), "an integer >= 2"),
     "eval.features": (lambda v: v in FEATURES, f"one of {FEATURES}"),
+    "eval.resize": (lambda v: v in inception.RESIZES, f"one of {inception.RESIZES}"),
     "eval.reference_limit": (_int(0), "an integer >= 0"),
     "eval.batch_size": (_int(1), "a positive integer"),
     "eval.chunk_size": (_int(1), "a positive integer"),

@@ -140,27 +140,79 @@ class InceptionE(nn.Module):
         return jnp.concatenate([b1, b3a, b3b, bda, bdb, bp], axis=-1)
 
 
-def resize_for_inception(x: jax.Array) -> jax.Array:
-    """Bilinear resize of NHWC images to 299x299: half-pixel centres, no antialias.
+# The 299 px resize before the network, as each FID protocol does it: pytorch-fid's torch
+# bilinear (half-pixel centres), the ADM evaluator's TF1 ResizeBilinear (legacy: source = y S/299,
+# used for the ImageNet/LSUN tables) and clean-fid's legacy_tensorflow (the same legacy map by
+# torch's affine_grid + grid_sample in float32, used by the CIFAR-10 code).
+RESIZES = ("torch", "tf1", "clean_legacy")
 
-    This is torch `F.interpolate(size=299, mode='bilinear', align_corners=False)` as pytorch-fid
-    calls it, in both directions (the TF graph of the ADM evaluator resizes differently).
+
+def _torch_linspace(n: int) -> np.ndarray:
+    """torch.linspace(-1, 1, n) in float32: start + i step, the second half from the end."""
+    f = np.float32
+    i, step = np.arange(n), f(2.0 / (n - 1))
+    first = f(-1) + i.astype(f) * step
+    second = f(1) - (n - 1 - i).astype(f) * step
+    return np.where(i < n // 2, first, second).astype(f)
+
+
+def resize_weights(size: int, protocol: str, out: int = INPUT_SIZE) -> np.ndarray:
+    """The (out, size) bilinear interpolation matrix of a resize protocol (rows sum to 1).
+
+    A separable resize is W @ image @ W^T per channel. Source coordinates: torch src =
+    max((y + 0.5) size/out - 0.5, 0); tf1 src = y float32(size/out); clean_legacy the same
+    legacy map through clean-fid's affine grid (theta_02 = 1/size - 1/out, align_corners=False,
+    border padding), computed in float32 as torch does. Neighbours floor(src) and the next one,
+    clamped at the edge.
+    """
+    f, y = np.float32, np.arange(out)
+    if protocol == "torch":
+        src = np.maximum((y + 0.5) * size / out - 0.5, 0.0)
+    elif protocol == "tf1":
+        src = y.astype(f) * f(size / out)
+    elif protocol == "clean_legacy":
+        base = (_torch_linspace(out) * f(out - 1) / f(out)).astype(f)
+        x = (base + f(1 / size - 1 / out)).astype(f)
+        src = np.clip(((x + f(1)) * f(size) - f(1)) / f(2), 0, size - 1)
+    else:
+        raise ValueError(f"unknown Inception resize protocol {protocol!r}; choose one of {RESIZES}")
+    src = np.asarray(src, np.float64)
+    i0 = np.floor(src).astype(int)
+    i1, frac = np.minimum(i0 + 1, size - 1), src - i0
+    weights = np.zeros((out, size))
+    np.add.at(weights, (y, i0), 1.0 - frac)
+    np.add.at(weights, (y, i1), frac)
+    return weights.astype(np.float32)
+
+
+def resize_for_inception(x: jax.Array, protocol: str = "torch") -> jax.Array:
+    """Bilinear resize of NHWC images to 299x299 by a FID protocol (RESIZES), no antialias.
+
+    'torch' is `F.interpolate(size=299, mode='bilinear', align_corners=False)` as pytorch-fid
+    calls it (jax.image.resize, half-pixel centres); 'tf1' and 'clean_legacy' apply
+    resize_weights' matrices.
     """
     batch, height, width, channels = x.shape
     if (height, width) == (INPUT_SIZE, INPUT_SIZE):
         return x
-    shape = (batch, INPUT_SIZE, INPUT_SIZE, channels)
-    return jax.image.resize(x, shape, method="bilinear", antialias=False)
+    if protocol == "torch":
+        shape = (batch, INPUT_SIZE, INPUT_SIZE, channels)
+        return jax.image.resize(x, shape, method="bilinear", antialias=False)
+    rows = jnp.asarray(resize_weights(height, protocol))
+    cols = jnp.asarray(resize_weights(width, protocol))
+    return jnp.einsum("yh,bhwc,xw->byxc", rows, x, cols, precision="highest")
 
 
-def preprocess_for_inception(images: jax.Array, *, resize: bool = True) -> jax.Array:
+def preprocess_for_inception(
+    images: jax.Array, *, resize: bool = True, protocol: str = "torch"
+) -> jax.Array:
     """x -> 2x - 1 after the 299 px resize, for images in [0, 1] (uint8 images are divided by
     255 first, so ADM's uint8 batches and float samples meet the network the same way)."""
     x = images.astype(jnp.float32)
     if images.dtype == jnp.uint8:
         x = x / 255.0
     if resize:
-        x = resize_for_inception(x)
+        x = resize_for_inception(x, protocol)
     return 2.0 * x - 1.0
 
 
@@ -174,10 +226,13 @@ class FIDInceptionV3(nn.Module):
     """
 
     resize_input: bool = True
+    resize_protocol: str = "torch"  # one of RESIZES
 
     @nn.compact
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
-        x = preprocess_for_inception(images, resize=self.resize_input)
+        x = preprocess_for_inception(
+            images, resize=self.resize_input, protocol=self.resize_protocol
+        )
         x = BasicConv(32, (3, 3), strides=2, name="Conv2d_1a_3x3")(x)
         x = BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)
         x = BasicConv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
@@ -212,13 +267,15 @@ class FIDInceptionV3(nn.Module):
 
 
 def make_inception_fn(
-    variables: Mapping, *, resize_input: bool = True
+    variables: Mapping, *, resize_input: bool = True, resize_protocol: str = "torch"
 ) -> Callable[[jax.Array], dict[str, jax.Array]]:
     """A jitted images -> {"pool3", "spatial", "logits", "logits_nobias"} with variables bound.
 
     The variables are a jit argument, not a closed-over constant, so the program stays small.
     """
-    model = FIDInceptionV3(resize_input=resize_input)
+    if resize_protocol not in RESIZES:
+        raise ValueError(f"unknown resize protocol {resize_protocol!r}; choose one of {RESIZES}")
+    model = FIDInceptionV3(resize_input=resize_input, resize_protocol=resize_protocol)
     apply = jax.jit(model.apply)
     frozen = jax.tree.map(jnp.asarray, dict(variables))
     return lambda images: apply(frozen, images)
