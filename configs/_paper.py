@@ -2,8 +2,16 @@
 
 from configs import base
 
-IMAGENET_EMA = (0.999, 0.9999, 0.9999432189950708)  # cm launch.sh ImageNet-64
-LSUN_EMA = (0.9999, 0.99994, 0.9999432189950708)  # cm launch.sh LSUN-256
+PAPER_EMA = 0.9999432189950708  # the EMA of the released ImageNet/LSUN models and their tables
+IMAGENET_EMA = (0.999, 0.9999, PAPER_EMA)  # cm launch.sh ImageNet-64
+LSUN_EMA = (0.9999, 0.99994, PAPER_EMA)  # cm launch.sh LSUN-256
+
+
+def _cm_lineage(config):
+    """What the PyTorch cm code (ImageNet-64, LSUN) did: piq's avg-pooled VGG for LPIPS, and
+    samples and FID from the 0.9999432189950708 EMA copy."""
+    config.training.lpips_pool = "avg"
+    return ema(config, config.training.ema_rates, PAPER_EMA)
 
 
 def cifar10(config):
@@ -51,7 +59,7 @@ def imagenet64(config):
     config.eval.update(
         reference="ref_batches/VIRTUAL_imagenet64_labeled.npz", batch_size=256, resize="tf1"
     )
-    return config
+    return _cm_lineage(config)
 
 
 def lsun256(config, name="lsun_bedroom", folder=""):
@@ -75,7 +83,7 @@ def lsun256(config, name="lsun_bedroom", folder=""):
     # ADM's reference batches: scoring.ADM_REF_BATCHES + lsun/{bedroom,cat}/..., to this path.
     ref = "VIRTUAL_lsun_bedroom256.npz" if name == "lsun_bedroom" else "VIRTUAL_lsun_cat256.npz"
     config.eval.update(reference=f"ref_batches/{ref}", batch_size=32, resize="tf1")  # ADM evaluator
-    return config
+    return _cm_lineage(config)
 
 
 def cd(config, metric: str, *, num_scales: int, target_ema: float, lr: float, steps: int):
@@ -120,3 +128,12 @@ def ct(config, *, end_scales: int, start_ema: float, lr: float, steps: int):
 
 def new():
     return base.get_config()
+
+
+def ema(config, rates: tuple, sample_rate: float):
+    """The run's EMA rates, and the copy that sampling, evaluation and editing read."""
+    config.training.ema_rates = tuple(rates)
+    index = config.training.ema_rates.index(sample_rate)
+    for section in (config.sampling, config.eval, config.edit):
+        section.ema_index = index
+    return config

@@ -11,7 +11,7 @@ def get_config():
     config.data.random_flip = False  # ct_train.py --xflip default
     config.model.dtype = "float32"  # --fp16=0
     config.training.batch_size = 128
-    config.training.ema_rates = (0.9999,)  # [R] (ECT's ImageNet branch uses post-hoc EMA)
+    _paper.ema(config, (0.9999,), 0.9999)  # [R] (ECT's ImageNet branch uses post-hoc EMA)
     config.optim.update(optimizer="adam", lr=1e-3, warmup_steps=0)  # [R] ct_train.py default lr
     config.sampling.sigmas = (80.0, _successors.ICT_MID_SIGMA["imagenet64"])
     return config

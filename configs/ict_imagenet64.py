@@ -10,7 +10,7 @@ def get_config():
     config.model.dropout = 0.2  # iCT ImageNet-64 ...
     config.model.adm.dropout_resolution = 16  # ... at resolutions <= 16 only
     config.training.batch_size = 4096  # [R]
-    config.training.ema_rates = (0.99997,)  # [R] iCT's ImageNet EMA
+    _paper.ema(config, (0.99997,), 0.99997)  # [R] iCT's ImageNet EMA
     config.optim.update(optimizer="radam", lr=1e-4, warmup_steps=0)  # [R]
     config.sampling.sigmas = (80.0, _successors.ICT_MID_SIGMA["imagenet64"])
     return config

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import base
+from configs import _paper, base
 from consistency.experiment import methods, networks, sample, spec, train, train_state, update
 from consistency.experiment.train_state import TrainState
 from consistency.io import checkpoints, sharding
@@ -212,3 +212,16 @@ def test_fid_resize_protocol_is_the_one_of_the_config_table(name, arg):
     want = {"cifar10": "clean_legacy", "imagenet64": "tf1", "lsun_bedroom": "tf1"}
     want["image_folder"] = "tf1"  # LSUN Cat from an image folder
     assert config.eval.resize == want.get(config.data.name, "torch"), name
+
+
+@pytest.mark.parametrize("name, arg", ALL)
+def test_lpips_pool_and_sampled_ema_follow_the_reference_lineage(name, arg):
+    # ImageNet-64 and LSUN (the PyTorch cm code): piq's avg-pooled VGG, samples and FID from
+    # the 0.9999432189950708 EMA; CIFAR-10 (jcm) and the digits: max pooling, the first EMA.
+    config = _load(name, arg)
+    cm_lineage = config.model.name == "adm"
+    assert config.training.lpips_pool == ("avg" if cm_lineage else "max"), name
+    rates = config.training.ema_rates
+    want = rates.index(_paper.PAPER_EMA) if _paper.PAPER_EMA in rates else 0
+    for section in (config.sampling, config.eval, config.edit):
+        assert section.ema_index == want and section.ema_index < len(rates), name
