@@ -69,6 +69,7 @@ def _training() -> ml_collections.ConfigDict:
     t.log_every = 50  # console line and TensorBoard scalars every this many steps
     t.snapshot_every = 1000  # checkpoint and sample grid every this many steps (and at the end)
     t.keep_checkpoints = 3  # checkpoints kept on disk
+    t.resume_reinit_changed = False  # resume a changed state: params/target/EMA kept, the rest new
     t.distance = "l2"  # l1 | l2 | pseudo_huber | lpips
     t.huber_c = -1.0  # pseudo-Huber c; < 0 uses iCT's 0.00054 sqrt(d)
     t.lpips_vgg = ""  # LPIPS: torchvision VGG16 state dict (.pth)

@@ -67,6 +67,7 @@ _RULES = {
     "training.keep_checkpoints": (_int(1), "a positive integer"),
     "training.start_ema": (_num(0, 1), "a number in [0, 1]"),
     "training.ema_warmup": (lambda v: isinstance(v, bool), "True or False"),
+    "training.resume_reinit_changed": (lambda v: isinstance(v, bool), "True or False"),
     "optim.optimizer": (lambda v: v in train_state.OPTIMIZERS, f"one of {train_state.OPTIMIZERS}"),
     "optim.lr": (_num(0, _INF, low_open=True), "a number > 0"),
     "optim.beta1": (_num(0, 1, high_open=True), "a number in [0, 1)"),

@@ -1,7 +1,10 @@
 """Orbax checkpoints: atomic saves, keep-N, resume from the newest sound one, integrity checks."""
 
+import collections
 import json
+import logging
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -27,7 +30,72 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint whose contents differ from what was saved, or that holds non-finite values."""
 
 
+class StructureMismatchError(ValueError):
+    """The checkpoint's state differs in tree structure or shapes from the template: not corrupt.
+
+    `differences` names the state paths (grouped) that differ; nothing was restored or moved.
+    """
+
+    def __init__(self, message: str, step: int, differences: list[str]):
+        super().__init__(message)
+        self.step, self.differences = step, differences
+
+
+class CheckpointWriteError(RuntimeError):
+    """An asynchronous checkpoint save failed (e.g. a full disk); earlier checkpoints are intact."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """'Type: first line of the message', cut to `limit` characters."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}"[:limit]
+
+
+class _OneLineOrbaxErrors(logging.Filter):
+    """Orbax logs each failure of a background save with a traceback from several threads: keep
+    one line per distinct cause (the Checkpointer raises it at the next step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" not in record.pathname or not record.exc_info:
+            return True
+        cause = one_line(record.exc_info[1])
+        record.msg, record.args = f"orbax: {cause}", None
+        record.exc_info = record.exc_text = None
+        if cause in self.seen:
+            return False
+        self.seen.add(cause)
+        return True
+
+
+def _closed_loop_hook(previous):
+    """Drops 'Event loop is closed' reports: tensorstore reads still in flight when orbax gives up
+    on a truncated checkpoint complete into the closed asyncio loop, once per array."""
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.quiet_closed_loop = True
+    return hook
+
+
+def _quiet_orbax() -> None:
+    """One line per checkpoint event on the console, not thousands (installed once)."""
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OneLineOrbaxErrors) for f in absl_logger.filters):
+        absl_logger.addFilter(_OneLineOrbaxErrors())
+    if not getattr(sys.unraisablehook, "quiet_closed_loop", False):
+        sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
+
+
 def _manager(directory: str | pathlib.Path, max_to_keep: int | None = None):
+    _quiet_orbax()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     return ocp.CheckpointManager(
         pathlib.Path(directory).absolute(), options=options, item_names=("state", "meta")
@@ -38,6 +106,50 @@ def param_fingerprint(params) -> list:
     """[[path, shape], ...] of a parameter tree: identifies the network a checkpoint belongs to."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return [[jax.tree_util.keystr(path), list(np.shape(leaf))] for path, leaf in flat]
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def tree_paths(tree) -> list[str]:
+    """'a/b/0' per leaf: the same for a dataclass or tuple and for the dicts orbax restores."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return ["/".join(_key_name(k) for k in path) for path, _ in flat]
+
+
+def structure(tree) -> dict[str, tuple]:
+    """{path: (shape, dtype name)} of a tree of arrays or array metadata."""
+    leaves = jax.tree.leaves(tree)
+    return {
+        p: (tuple(x.shape), np.dtype(x.dtype).name)
+        for p, x in zip(tree_paths(tree), leaves, strict=True)
+    }
+
+
+def first_key(path: str) -> str:
+    return path.split("/")[0]
+
+
+def structure_differences(found: dict, want: dict, group=first_key) -> list[str]:
+    """'group (what differs)' per part of the state (`group(path)`) whose arrays differ in
+    paths, shapes or dtypes."""
+    out = collections.defaultdict(lambda: [0, 0, 0])  # missing, extra, other shape/dtype
+    for path in want.keys() - found.keys():
+        out[group(path)][0] += 1
+    for path in found.keys() - want.keys():
+        out[group(path)][1] += 1
+    for path in want.keys() & found.keys():
+        if want[path] != found[path]:
+            out[group(path)][2] += 1
+    words = ("not in the checkpoint", "only in the checkpoint", "of another shape or dtype")
+    return [
+        f"{group} ({', '.join(f'{n} arrays {w}' for n, w in zip(counts, words, strict=True) if n)})"
+        for group, counts in sorted(out.items())
+    ]
 
 
 def _owned_shards(x: jax.Array):
@@ -97,17 +209,42 @@ def integrity(tree) -> tuple[list[int], bool]:
     return digests, finite
 
 
+def verify(tree, meta: dict) -> None:
+    """Raise CorruptCheckpointError when a restored tree differs from the digest saved with it.
+
+    The digests are compared as a multiset: a tree restored without a template has its leaves
+    in another order (sorted keys) than the state that was saved.
+    """
+    digest, finite = integrity(tree)
+    saved = meta.get("digest")
+    if saved is not None and sorted(saved) != sorted(digest):
+        unmatched = collections.Counter(saved)
+        bad = []
+        for path, d in zip(tree_paths(tree), digest, strict=True):
+            if unmatched[d] > 0:
+                unmatched[d] -= 1
+            else:
+                bad.append(path)
+        raise CorruptCheckpointError(
+            f"{len(bad)} of {len(digest)} arrays differ from what was saved: {bad[:3]}"
+        )
+    if not finite:
+        raise CorruptCheckpointError("it holds non-finite values")
+
+
 class Checkpointer:
     """Saves {state, meta} every call to save(); restores into a template, checking integrity.
 
     Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
     killed save leaves no step behind; every process calls save() and restore() (orbax
-    coordinates the writes). A digest of the state saved in meta detects later corruption.
+    coordinates the writes). A digest of the state saved in meta detects later corruption. A
+    save runs in the background: check() raises CheckpointWriteError once it has failed.
     """
 
     def __init__(self, directory: str | pathlib.Path, max_to_keep: int | None = 3):
         self.directory = pathlib.Path(directory)
         self._manager = _manager(directory, max_to_keep)
+        self._pending = None  # the step of a save that may still be running
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -117,6 +254,7 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict) -> None:
         """Save `state` at `step`; a state with a non-finite leaf is refused, never written."""
+        self.wait()  # a failure of the previous save is raised before another one starts
         leaves = jax.tree.leaves(state)
         if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
             # One host transfer, shared by the digest and the write. Orbax saving arrays
@@ -130,54 +268,100 @@ class Checkpointer:
         meta = dict(meta, digest=digest)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
+        self._pending = step
+
+    def check(self) -> None:
+        """CheckpointWriteError when the last save has failed; cheap while it is still running."""
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until the last save is written; CheckpointWriteError (one line) if it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            if step is None:
+                raise
+            self._manager.reload()
+            steps = self.all_steps()
+            kept = f"checkpoint step {steps[-1]} is intact" if steps else "no checkpoint is kept"
+            raise CheckpointWriteError(
+                f"saving checkpoint step {step} in {self.directory} failed ({one_line(e)}); "
+                f"{kept}. Free disk space (or fix the cause) and run the same command to resume"
+            ) from None
+
+    def saved_structure(self, step: int) -> dict[str, tuple]:
+        """{path: (shape, dtype)} of a checkpoint's state, from its metadata (nothing restored)."""
+        handler = ocp.StandardCheckpointHandler()
+        return structure(handler.metadata(self.directory / str(step) / "state"))
 
     def restore(self, step: int, template, expected_meta: dict | None = None):
-        """Restore `step` into the (abstract) template, after checking it holds the same network.
+        """Restore `step` into the (abstract) template, after checking it holds the same network
+        and a state of the template's structure (StructureMismatchError, before any restore).
 
         Raises CorruptCheckpointError when the restored state does not match its saved digest.
         """
         meta = self.read_meta(step)
         if expected_meta is not None:
             check_same_model(meta, expected_meta, f"{self.directory} step {step}")
+        differences = structure_differences(self.saved_structure(step), structure(template))
+        if differences:
+            raise StructureMismatchError(
+                f"checkpoint step {step} in {self.directory} holds a state of another structure "
+                f"than this config's: {'; '.join(differences)}",
+                step,
+                differences,
+            )
         args = ocp.args.Composite(state=ocp.args.StandardRestore(template))
         state = self._manager.restore(step, args=args)["state"]
-        digest, finite = integrity(state)
-        saved = meta.get("digest")
-        if saved is not None and saved != digest:
-            paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
-            bad = [p for p, a, b in zip(paths, saved, digest, strict=False) if a != b]
-            raise CorruptCheckpointError(
-                f"{len(bad)} of {len(digest)} arrays differ from what was saved: {bad[:3]}"
-            )
-        if not finite:
-            raise CorruptCheckpointError("it holds non-finite values")
+        verify(state, meta)
         return state, meta
 
-    def restore_latest(self, template, expected_meta: dict | None = None):
+    def restore_raw(self, step: int):
+        """(state as saved: nested dicts of host arrays, meta), integrity-checked; no template."""
+        meta = self.read_meta(step)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore())
+        state = self._manager.restore(step, args=args)["state"]
+        verify(state, meta)
+        return state, meta
+
+    def restore_latest(self, template, expected_meta: dict | None = None, *, restore=None):
         """(state, meta, step) of the newest sound checkpoint, or None when there is none.
 
-        An unreadable, partial or corrupt checkpoint is reported, moved to `corrupt/` beside the
-        steps (kept for inspection, out of orbax's way) and the previous one is tried.
+        An unreadable, partial or corrupt checkpoint is skipped for the previous one; once a
+        sound one is found, the skipped ones are reported (one line each) and moved to
+        `corrupt/` beside the steps (kept for inspection, out of orbax's way). When none is
+        sound, CorruptCheckpointError is raised and nothing is moved. Another network
+        (ModelMismatchError) or another state structure (StructureMismatchError) is not
+        corruption: raised at once, nothing moved. `restore(step)` replaces self.restore.
         """
+        restore = restore or (lambda step: self.restore(step, template, expected_meta))
+        failed = []
         for step in reversed(self.all_steps()):
             try:
-                state, meta = self.restore(step, template, expected_meta)
-            except ModelMismatchError:
+                state, meta = restore(step)
+            except (ModelMismatchError, StructureMismatchError):
                 raise
             except Exception as e:
-                moved = self._quarantine(step)
+                failed.append((step, e))
+                continue
+            for bad, e in failed:
+                moved = self._quarantine(bad)
                 if jax.process_index() == 0:
                     print(
-                        f"WARNING: checkpoint step {step} in {self.directory} is corrupt or "
-                        f"incomplete ({type(e).__name__}: {str(e)[:300]}); moved it to {moved} "
-                        "and falling back to the previous checkpoint",
+                        f"WARNING: checkpoint step {bad} in {self.directory} is corrupt or "
+                        f"incomplete ({one_line(e)}); moved it to {moved} and falling back to "
+                        f"the previous checkpoint, step {step}",
                         flush=True,
                     )
-                continue
             return state, meta, step
+        if failed:
+            causes = "; ".join(f"step {s}: {one_line(e, 200)}" for s, e in failed)
+            raise CorruptCheckpointError(
+                f"no sound checkpoint in {self.directory} ({causes}); nothing was moved. "
+                "Inspect or move them away to start afresh"
+            )
         return None
 
     def _quarantine(self, step: int) -> pathlib.Path:
@@ -196,8 +380,10 @@ class Checkpointer:
         ]
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def check_same_model(found: dict, expected: dict, where: str) -> None:
@@ -210,26 +396,53 @@ def check_same_model(found: dict, expected: dict, where: str) -> None:
         )
 
 
-def load_params(directory: str | pathlib.Path, *, ema_index: int = 0, step: int | None = None):
-    """EMA params (copy `ema_index`) of a checkpoint dir, and its meta, without a template.
+def _ema_copy(state, ema_index: int):
+    emas = state["ema_params"]
+    emas = [emas[k] for k in sorted(emas, key=int)] if isinstance(emas, dict) else list(emas)
+    if not 0 <= ema_index < len(emas):
+        raise ValueError(f"ema_index {ema_index} out of range: the checkpoint has {len(emas)}")
+    return emas[ema_index]
 
-    Used for CD teachers and for sampling: optimiser state and online params are not needed.
+
+def load_params(directory: str | pathlib.Path, *, ema_index: int = 0, step: int | None = None):
+    """(EMA params (copy `ema_index`), meta, step) of a checkpoint dir, without a template.
+
+    Used for CD teachers, sampling, editing and evaluation: optimiser state and online params
+    are not needed. The state is checked against its saved digest. With step None the newest
+    sound checkpoint is used (a corrupt or partial newer one is skipped with a one-line
+    warning and left in place); an explicit step that is corrupt raises CorruptCheckpointError.
     """
     directory = pathlib.Path(directory)
     if not directory.exists():
         raise FileNotFoundError(f"no checkpoint directory at {directory}")
-    manager = _manager(directory)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory} holds no checkpoint")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    emas = restored["state"]["ema_params"]
-    emas = [emas[k] for k in sorted(emas, key=int)] if isinstance(emas, dict) else list(emas)
-    if not 0 <= ema_index < len(emas):
-        raise ValueError(f"ema_index {ema_index} out of range: the checkpoint has {len(emas)}")
-    manager.close()
-    return emas[ema_index], meta, step
+    ckpt = Checkpointer(directory, max_to_keep=None)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{directory} holds no checkpoint")
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"{directory} has no checkpoint step {step} (it has {steps})")
+        for s in [step] if step is not None else reversed(steps):
+            try:
+                state, meta = ckpt.restore_raw(s)
+            except Exception as e:
+                if step is not None:
+                    raise CorruptCheckpointError(
+                        f"checkpoint step {s} in {directory} is corrupt or incomplete "
+                        f"({one_line(e)}); choose another step (it has {steps}) or -1 for the "
+                        "newest sound one"
+                    ) from None
+                if jax.process_index() == 0:
+                    print(
+                        f"WARNING: checkpoint step {s} in {directory} is corrupt or incomplete "
+                        f"({one_line(e)}); using the previous one",
+                        flush=True,
+                    )
+                continue
+            return _ema_copy(state, ema_index), meta, s
+        raise CorruptCheckpointError(f"no sound checkpoint in {directory} (steps {steps})")
+    finally:
+        ckpt.close()
 
 
 def write_json(path: str | pathlib.Path, obj: Any) -> None:
