@@ -9,7 +9,7 @@ import numpy as np
 
 from consistency.core import editing, samplers
 from consistency.experiment import networks, sample, spec
-from consistency.io import checkpoints, image_io
+from consistency.io import image_io
 
 
 class EditResult(NamedTuple):
@@ -100,15 +100,12 @@ def _interpolate(config, network, params):
 
 
 def load_checked_params(config, workdir, network, *, ema_index: int, step: int):
-    """EMA params of workdir/checkpoints (step -1: latest), checked against the config's network."""
+    """EMA params of workdir/checkpoints (step -1: the newest sound one), digest verified and
+    checked against the config's network and method."""
     ckpt_dir = pathlib.Path(workdir) / "checkpoints"
-    params, meta, step = checkpoints.load_params(
-        ckpt_dir, ema_index=ema_index, step=None if step < 0 else step
-    )
-    expected = checkpoints.param_fingerprint(sample.abstract_params(config, network))
-    found = {"model": meta.get("model"), "params": meta.get("params")}
-    checkpoints.check_same_model(
-        found, {"model": config.model.name, "params": expected}, str(ckpt_dir)
+    wanted = None if step < 0 else step
+    params, _, step = sample.load_checked(
+        config, ckpt_dir, network, ema_index=ema_index, step=wanted
     )
     return params, step
 

@@ -1,6 +1,7 @@
 """--mode=eval: sample checkpoints in resumable shards, extract features, score vs a reference."""
 
 import dataclasses
+import functools
 import hashlib
 import json
 import pathlib
@@ -96,17 +97,20 @@ def sample_ids(config, sample_fn, params, ids: np.ndarray, mesh) -> tuple[np.nda
     return np.concatenate(images), np.concatenate(labels)
 
 
-def _setting_dir(config, workdir, step: int, setting: str, sampler, kind: str) -> pathlib.Path:
-    """WORKDIR/eval/step_{k}/{setting}-{hash of everything the chunks depend on}."""
+def _setting_dir(
+    config, workdir, step: int, setting: str, sampler, kind: str, checkpoint: str
+) -> pathlib.Path:
+    """WORKDIR/eval/step_{k}/{setting}-{hash of everything the chunks depend on}: the
+    checkpoint's digest, the sampler spec and the feature network's weights among them."""
     s, m, e = config.sampling, config.model, config.eval
     keyed = dict(
         setting=setting,
+        checkpoint=checkpoint,
         seed=s.seed,
         ema=e.ema_index,
         features=kind,
-        inception=pathlib.Path(e.inception_path).name if kind == "inception" else "",
         resize=e.resize if kind == "inception" else "",
-        classifier=digits.HPARAMS if kind == "digits" else {},
+        feature_network=feature_network_id(config, workdir, kind),
         class_label=s.class_label,
         sampler=dataclasses.asdict(sampler),
         grid=[m.sigma_min, m.sigma_max, m.rho],
@@ -114,6 +118,25 @@ def _setting_dir(config, workdir, step: int, setting: str, sampler, kind: str) -
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
     name = setting.replace(",", "-").replace("=", "-") + "-" + digest
     return pathlib.Path(workdir) / "eval" / f"step_{step}" / name
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def feature_network_id(config, workdir, kind: str) -> str:
+    """A digest of the feature network: the Inception weights file and eval.resize, or the
+    digits classifier's params (a function of its hyper-parameters and training data)."""
+    if kind == "digits":
+        return digits.params_digest(digits.load_or_train(cache_dir(config, workdir)))
+    path = pathlib.Path(config.eval.inception_path).resolve()
+    st = path.stat()
+    return f"{_file_digest(str(path), st.st_size, st.st_mtime_ns)}:{config.eval.resize}"
 
 
 def _save_npz(path: pathlib.Path, arrays: dict) -> None:
@@ -206,9 +229,7 @@ def reference(config, workdir, extract, mesh, kind: str) -> tuple[dict, str]:
     '' computes them from the eval.reference_split images, cached in `cache_dir`.
     """
     e, d = config.eval, config.data
-    network_tag = (
-        digits.HPARAMS if kind == "digits" else f"{pathlib.Path(e.inception_path).name}:{e.resize}"
-    )
+    network_tag = feature_network_id(config, workdir, kind)
     if e.reference:
         path = pathlib.Path(e.reference)
         if not path.is_file():
@@ -228,8 +249,8 @@ def reference(config, workdir, extract, mesh, kind: str) -> tuple[dict, str]:
         if "mu" not in ref:
             raise ValueError(f"eval.reference {path} holds neither mu/sigma nor images (arr_0)")
         return ref, str(path)
-    tag = [d.name, e.reference_split, d.image_size, d.num_channels, e.reference_limit, kind,
-           network_tag]  # fmt: skip
+    tag = [d.name, d.data_dir, d.folder, e.reference_split, d.image_size, d.num_channels,
+           e.reference_limit, kind, network_tag]  # fmt: skip
     cache = path_for(cache_dir(config, workdir), "reference", tag)
     compute = lambda: reference_statistics(
         split_features(config, e.reference_split, extract, mesh, limit=e.reference_limit)
@@ -273,17 +294,15 @@ def score(samples: dict, ref: dict, *, kind: str) -> dict[str, float]:
 
 
 def _load_params(config, workdir, network, step: int | None):
-    """EMA params (eval.ema_index) of a checkpoint, checked against the config's network."""
+    """(EMA params (eval.ema_index), step, the checkpoint's digest) of a checkpoint, its
+    integrity verified and checked against the config's network and method."""
     ckpt_dir = pathlib.Path(workdir) / "checkpoints"
-    params, meta, step = checkpoints.load_params(
-        ckpt_dir, ema_index=config.eval.ema_index, step=step
+    params, meta, step = sample.load_checked(
+        config, ckpt_dir, network, ema_index=config.eval.ema_index, step=step
     )
-    expected = checkpoints.param_fingerprint(sample.abstract_params(config, network))
-    found = {"model": meta.get("model"), "params": meta.get("params")}
-    checkpoints.check_same_model(
-        found, {"model": config.model.name, "params": expected}, str(ckpt_dir)
-    )
-    return params, step
+    # Cached shards are keyed by what produced them: a replaced checkpoint has another digest.
+    ident = meta.get("digest") or [step, (ckpt_dir / str(step)).stat().st_mtime_ns]
+    return params, step, hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
 
 def validate(config, mesh) -> dict:
@@ -320,12 +339,12 @@ def run_eval(config, workdir) -> dict[int, dict]:
         writer = SummaryWriter(str(workdir / "tensorboard"))
     results = {}
     for wanted in list(e.checkpoint_steps) or [None]:
-        params, step = _load_params(config, workdir, network, wanted)
+        params, step, checkpoint = _load_params(config, workdir, network, wanted)
         params = jax.device_put(params, sharding.replicated(mesh))
         results[step] = {}
         for setting, sampler in samplers.items():
             start = time.time()
-            out_dir = _setting_dir(config, workdir, step, setting, sampler, kind)
+            out_dir = _setting_dir(config, workdir, step, setting, sampler, kind, checkpoint)
             samples = sample_features(config, network, params, out_dir, extract, mesh, sampler)
             if jax.process_index() != 0:
                 continue

@@ -108,13 +108,8 @@ def run_sample(config, workdir) -> pathlib.Path:
     s = config.sampling
     step = None if s.checkpoint_step < 0 else s.checkpoint_step
     ckpt_dir = pathlib.Path(workdir) / "checkpoints"
-    params, meta, step = checkpoints.load_params(ckpt_dir, ema_index=s.ema_index, step=step)
     network = networks.build_network(config)
-    expected = checkpoints.param_fingerprint(abstract_params(config, network))
-    found = {"model": meta.get("model"), "params": meta.get("params")}
-    checkpoints.check_same_model(
-        found, {"model": config.model.name, "params": expected}, str(ckpt_dir)
-    )
+    params, _, step = load_checked(config, ckpt_dir, network, ema_index=s.ema_index, step=step)
     images, labels = generate(config, network, params, s.num_samples)
     out = write_samples(
         pathlib.Path(workdir) / "samples" / f"step_{step}",
@@ -123,6 +118,43 @@ def run_sample(config, workdir) -> pathlib.Path:
     )
     print(f"wrote {out} ({len(images)} images from checkpoint step {step})")
     return out
+
+
+def load_checked(config, ckpt_dir, network, *, ema_index: int, step: int | None):
+    """(EMA params, meta, step) of a checkpoint dir, its digest verified (step None: the newest
+    sound one), checked to hold the configured network and a model of the config's kind."""
+    params, meta, step = checkpoints.load_params(ckpt_dir, ema_index=ema_index, step=step)
+    expected = checkpoints.param_fingerprint(abstract_params(config, network))
+    found = {"model": meta.get("model"), "params": meta.get("params")}
+    checkpoints.check_same_model(
+        found, {"model": config.model.name, "params": expected}, f"{ckpt_dir} step {step}"
+    )
+    check_kind(meta, config, f"{ckpt_dir} step {step}")
+    return params, meta, step
+
+
+def check_kind(meta: dict, config, where: str) -> None:
+    """The checkpoint's model is sampled as the config's method samples (consistency model,
+    diffusion model, PD student) with the same parameterization; older checkpoints, which do
+    not record it, are taken on the config's word with a warning."""
+    t, m = config.training, config.model
+    want = methods.row(t.loss).samples_as
+    if "method" not in meta:
+        if jax.process_index() == 0:
+            print(
+                f"WARNING: the checkpoint at {where} does not record its method (an older "
+                f"checkpoint); sampling it as a training.loss={t.loss!r} model",
+                flush=True,
+            )
+        return
+    found, p = meta.get("samples_as"), meta.get("parameterization")
+    if found != want or p != m.parameterization:
+        raise checkpoints.ModelMismatchError(
+            f"the checkpoint at {where} holds a training.loss={meta['method']!r} model (samples "
+            f"as {found!r}, model.parameterization={p!r}), but this config's training.loss="
+            f"{t.loss!r} samples as {want!r} with model.parameterization={m.parameterization!r}; "
+            "use the config the checkpoint was trained with"
+        )
 
 
 def abstract_params(config, network: networks.Network):

@@ -12,6 +12,7 @@ change the weights slightly, and with them the third digit of a digits FID: comp
 computed with the same cache file (copy it to share it).
 """
 
+import functools
 import hashlib
 import json
 import pathlib
@@ -88,10 +89,29 @@ def accuracy(params: dict, split: str = "test", hparams: dict = HPARAMS) -> floa
     return float(np.mean(np.argmax(np.asarray(logits), axis=1) == labels))
 
 
+@functools.cache
+def data_digest() -> str:
+    """A digest of the training data (the 'train' split's images and labels)."""
+    images, labels = _images_and_labels("train")
+    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()[:16]
+
+
 def cache_path(cache_dir: str | pathlib.Path, hparams: dict = HPARAMS) -> pathlib.Path:
-    """cache_dir/digits_classifier-{hash of the hyper-parameters}.npz."""
-    key = hashlib.sha256(json.dumps(hparams, sort_keys=True).encode()).hexdigest()[:12]
+    """cache_dir/digits_classifier-{hash of the hyper-parameters and training data}.npz."""
+    keyed = {"hparams": hparams, "data": data_digest()}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     return pathlib.Path(cache_dir) / f"digits_classifier-{key}.npz"
+
+
+def params_digest(params: dict) -> str:
+    """A digest of the classifier's weights: what the features cached from it depend on."""
+    h = hashlib.sha256()
+    for name, value in sorted(traverse_util.flatten_dict(params, sep="/").items()):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(value, np.float32).tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_or_train(cache_dir: str | pathlib.Path, hparams: dict = HPARAMS) -> dict:
