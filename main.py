@@ -6,7 +6,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from consistency.experiment import spec
+from consistency.experiment import cli, spec
 from consistency.io import sharding
 
 # --mode -> the module of consistency.experiment that runs it (its run(config, workdir)).
@@ -46,14 +46,12 @@ def main(argv):
         num_processes=FLAGS.num_processes,
         process_id=FLAGS.process_id,
     )
-    try:  # a bad config: one line per key, not a traceback, before anything runs
-        spec.validate(FLAGS.config, mode=FLAGS.mode, num_devices=jax.device_count())
-        spec.check_paths(FLAGS.config, mode=FLAGS.mode)
-    except spec.ConfigError as e:
-        raise app.UsageError(str(e)) from None
+    # A bad config: one line per key (cli.run prints spec.ConfigError), before anything runs.
+    spec.validate(FLAGS.config, mode=FLAGS.mode, num_devices=jax.device_count())
+    spec.check_paths(FLAGS.config, mode=FLAGS.mode, workdir=FLAGS.workdir)
     module = importlib.import_module(f"consistency.experiment.{MODES[FLAGS.mode]}")
     module.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,9 +1,7 @@
 """python -m consistency.convert --source=S --checkpoint=PATH --config=configs/X.py --out=DIR."""
 
-from absl import app
-
-from consistency.experiment import convert
+from consistency.experiment import cli, convert
 
 if __name__ == "__main__":
     convert.define_flags()
-    app.run(convert.main)
+    cli.run(convert.main)

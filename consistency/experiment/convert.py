@@ -7,7 +7,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from consistency.convert import cm_pt, diffusers, jcm
-from consistency.experiment import networks, sample
+from consistency.experiment import cli, networks, paths, sample
 from consistency.experiment.train_state import TrainState
 from consistency.io import checkpoints, torch_pt
 
@@ -41,12 +41,12 @@ def read_params(source: str, checkpoint: str, template, *, module=None, jcm_tree
     lets diffusers folders also be checked for the head layout that shapes do not show.
     """
     if source == "cm-pt":
-        state = torch_pt.load_torch_state_dict(checkpoint)
+        state = _read(source, checkpoint, torch_pt.load_torch_state_dict, checkpoint)
         params = cm_pt.cm_state_dict_to_flax(state, template)["params"]
     elif source == "jcm":
-        params = jcm.load_jcm_params(checkpoint, which=jcm_tree)
+        params = _read(source, checkpoint, jcm.load_jcm_params, checkpoint, which=jcm_tree)
     elif source == "diffusers":
-        dconfig, state = diffusers.read_diffusers_folder(checkpoint)
+        dconfig, state = _read(source, checkpoint, diffusers.read_diffusers_folder, checkpoint)
         if module is not None:
             _check_diffusers_heads(dconfig, module)
         cm_state = diffusers.diffusers_to_cm_state_dict(state, dconfig)
@@ -59,6 +59,23 @@ def read_params(source: str, checkpoint: str, template, *, module=None, jcm_tree
     if bad:
         raise ValueError(f"{checkpoint}: non-finite values in {bad[:5]}")
     return params
+
+
+class UnreadableCheckpointError(ValueError):
+    """The file is no checkpoint of its --source format (truncated, garbage, another format)."""
+
+
+def _read(source: str, checkpoint: str, reader, *args, **kwargs):
+    """reader(*args, **kwargs); any failure is the file's: name it and the format expected."""
+    try:
+        return reader(*args, **kwargs)
+    except KeyError:  # jcm: the tree is missing, a question of fit
+        raise
+    except Exception as e:
+        raise UnreadableCheckpointError(
+            f"{checkpoint}: not a readable --source={source} checkpoint (truncated, corrupt or "
+            f"another format: {type(e).__name__}: {str(e)[:200]})"
+        ) from e
 
 
 def _float32(tree):
@@ -93,16 +110,23 @@ def convert(config, *, source: str, checkpoint: str, out: str, jcm_tree="params_
         )
     if not pathlib.Path(checkpoint).exists():
         raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+    ckpt_dir = pathlib.Path(out) / "checkpoints"
+    for parent in [ckpt_dir, *ckpt_dir.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise FileExistsError(f"--out={out}: {parent} is a file; choose a fresh --out")
+    if paths.checkpoint_steps(ckpt_dir):
+        raise FileExistsError(f"{ckpt_dir} already holds a checkpoint; choose a fresh --out")
     network = networks.build_network(config)
     template = sample.abstract_params(config, network)
     try:
         params = read_params(source, checkpoint, template, module=network.module, jcm_tree=jcm_tree)
+    except UnreadableCheckpointError:
+        raise
     except (KeyError, ValueError) as e:
         raise ValueError(
             f"{checkpoint} does not fit the {config.model.name!r} network of this config (see "
             f"model.{config.model.name}.* and data.*): {e.args[0]}"
         ) from e
-    ckpt_dir = pathlib.Path(out) / "checkpoints"
     writer = checkpoints.Checkpointer(ckpt_dir, max_to_keep=None)
     if writer.latest_step() is not None:
         raise FileExistsError(f"{ckpt_dir} already holds a checkpoint; choose a fresh --out")
@@ -155,4 +179,6 @@ def main(argv) -> None:
     print(f"{FLAGS.config.model.name}: {count:,} parameters from {FLAGS.source} {FLAGS.checkpoint}")
     print(f"wrote {ckpt_dir} step 0 (params = target = EMA copy 0; no optimiser state)")
     path = config_flags.get_config_filename(FLAGS["config"])
-    print(f"sample: python main.py --config={path} --workdir={FLAGS.out} --mode=sample")
+    overrides = cli.override_flags(config_flags.get_override_values(FLAGS["config"]))
+    command = f"python main.py --config={path} --workdir={FLAGS.out} --mode=sample {overrides}"
+    print(f"sample: {command.rstrip()}")

@@ -5,14 +5,12 @@ before anything else; `check_paths` looks at the file system apart. Specs (the m
 noise grid, the sampler) are frozen objects built here once; nothing jitted reads the config.
 """
 
-import pathlib
-
 import numpy as np
 
 from consistency.core import samplers
 from consistency.core.samplers import SamplerSpec
 from consistency.core.schedules import NoiseGrid
-from consistency.experiment import methods, networks, train_state
+from consistency.experiment import methods, networks, paths, train_state
 from consistency.io import data
 from consistency.measure import inception
 
@@ -122,6 +120,7 @@ _EDIT_RULES = {
 }
 _EVAL_RULES = {
     "eval.num_samples": (_int(2), "an integer >= 2"),
+    "eval.every_steps": (_int(0), "an integer >= 0 (0: no FID while training)"),
     "eval.features": (lambda v: v in FEATURES, f"one of {FEATURES}"),
     "eval.resize": (lambda v: v in inception.RESIZES, f"one of {inception.RESIZES}"),
     "eval.reference_limit": (_int(0), "an integer >= 0"),
@@ -254,7 +253,7 @@ def problems(config, *, mode: str = "train", num_devices: int | None = None) -> 
     out += _sampling_problems(config)
     if mode == "edit":
         out += _edit_problems(config)
-    if mode == "eval":
+    if mode == "eval" or (mode == "train" and config.eval.every_steps):
         out += _eval_problems(config, num_devices)
     return out
 
@@ -270,40 +269,11 @@ def validate(config, *, mode: str = "train", num_devices: int | None = None) -> 
         raise ConfigError("invalid config:\n  " + "\n  ".join(found))
 
 
-_LPIPS_FILES = {
-    "lpips_vgg": "the torchvision VGG16 state dict (vgg16-397923af.pth)",
-    "lpips_lin": "the LPIPS v0.1 heads (lpips weights/v0.1/vgg.pth)",
-}
-
-
-def _file(path: str, key: str, what: str) -> list[str]:
-    if not path:
-        return [f"{key}: give {what}"]
-    if not pathlib.Path(path).exists():
-        return [f"{key}: no such path {path!r}"]
-    return []
-
-
-def check_paths(config, *, mode: str = "train") -> None:
+def check_paths(config, *, mode: str = "train", workdir: str | None = None) -> None:
     """Raise ConfigError for every input file the mode needs (set on the command line: the
-    experiment files leave teachers and weights empty) and cannot find."""
-    t, e = config.training, config.eval
-    out = []
-    if mode == "train":
-        if methods.row(t.loss).needs_teacher or t.init_from_teacher or t.teacher_checkpoint:
-            why = f"the teacher's checkpoint dir (training.loss={t.loss!r}" + (
-                ", training.init_from_teacher)" if t.init_from_teacher else ")"
-            )
-            out += _file(t.teacher_checkpoint, "training.teacher_checkpoint", why)
-        if t.distance == "lpips":
-            for key, what in _LPIPS_FILES.items():
-                out += _file(t[key], f"training.{key}", what + " for training.distance='lpips'")
-    if mode == "eval" and e.features == "inception":
-        what = "pytorch-fid's pt_inception-2015-12-05-6726825d.pth for eval.features='inception'"
-        out += _file(e.inception_path, "eval.inception_path", what)
-    if mode == "edit" and config.edit.task != "interpolate":
-        what = "a folder of PNGs or an .npz (arr_0 uint8 NHWC)"
-        out += _file(config.edit.input, "edit.input", what)
+    experiment files leave teachers and weights empty) and cannot find, and with `workdir` for
+    its checkpoints (sample/edit/eval) and every output dir it could not write (paths.problems)."""
+    out = paths.problems(config, mode=mode, workdir=workdir)
     if out:
         raise ConfigError("invalid config:\n  " + "\n  ".join(out))
 

@@ -3,6 +3,7 @@
 import dataclasses
 import pathlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import grain
 import numpy as np
@@ -15,6 +16,7 @@ TFDS_NAMES = {
     "lsun_bedroom": "lsun/bedroom",
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes read as one channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +79,63 @@ class ImageFolderSource:
     def __getitem__(self, index: int) -> dict:
         from PIL import Image
 
-        with Image.open(self._files[index]) as img:
-            image = np.asarray(img.convert("RGB"))
+        path = self._files[index]
+        try:
+            with Image.open(path) as img:
+                image = np.asarray(img.convert("L" if img.mode in GREY_MODES else "RGB"))
+        except OSError as e:  # truncated since the scan: name the file, not PIL's internals
+            raise ValueError(f"data.folder: cannot read {path}: {e}") from None
         return {"image": image, "label": np.int32(self._labels[index])}
+
+
+class FolderReport(NamedTuple):
+    """scan_folder's findings: problems (errors, one line each) and warnings (one line each)."""
+
+    problems: list[str]
+    warnings: list[str]
+
+
+def _is_grey(img) -> bool:
+    if img.mode in GREY_MODES:
+        return True
+    rgb = np.asarray(img.convert("RGB"))
+    return bool((rgb[..., :1] == rgb).all())
+
+
+def scan_folder(folder: str, *, num_channels: int, image_size: int) -> FolderReport:
+    """Open every image of an image folder before training: unreadable files and (for
+    num_channels=1) colour images are problems naming the files; images of another size than
+    image_size x image_size (centre-cropped and resized) a warning with their count."""
+    from PIL import Image
+
+    source = ImageFolderSource(folder)
+    bad, colour, sizes = [], [], {}
+    for path in source._files:
+        try:
+            with Image.open(path) as img:
+                img.load()  # decodes: a truncated file fails here, not mid-training
+                if num_channels == 1 and not _is_grey(img):
+                    colour.append(path)
+                sizes[img.size] = sizes.get(img.size, 0) + 1
+        except (OSError, ValueError) as e:
+            bad.append(f"{path} ({e})")
+    problems, warnings = [], []
+    if bad:
+        problems.append(f"data.folder: {len(bad)} unreadable image(s), e.g. {bad[0]}; remove them")
+    if colour:
+        problems.append(
+            f"data.folder: {len(colour)} colour image(s) for data.num_channels=1, e.g. "
+            f"{colour[0]}; convert them to greyscale or set data.num_channels=3"
+        )
+    other = sum(n for size, n in sizes.items() if size != (image_size, image_size))
+    if other:
+        shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
+        warnings.append(
+            f"data.folder: {other} of {len(source)} images are not {image_size}x{image_size} "
+            f"(sizes {shown}{', ...' if len(sizes) > 4 else ''}); they are resized and "
+            "centre-cropped (data.image_size)"
+        )
+    return FolderReport(problems, warnings)
 
 
 def make_source(name: str, *, split: str = "train", data_dir: str | None = None, folder=None):
@@ -129,6 +185,10 @@ class Preprocess(grain.transforms.RandomMap):
         if image.ndim == 2:
             image = image[..., None]
         image = center_crop(image, self.image_size)
+        if image.shape[-1] == 1 and self.num_channels == 3:  # grey images for an RGB model
+            image = np.repeat(image, 3, axis=-1)
+        elif image.shape[-1] == 3 and self.num_channels == 1 and (image[..., :1] == image).all():
+            image = image[..., :1]  # grey images stored as RGB
         if image.shape[-1] != self.num_channels:
             raise ValueError(
                 f"images have {image.shape[-1]} channels but data.num_channels is "
