@@ -16,10 +16,12 @@ def digits():
     config.training.update(ema_rates=(0.999,), ema_warmup=True)
     config.optim.update(optimizer="radam", lr=4e-4)
     config.sampling.update(grid_size=64, batch_size=256, num_samples=1024)
-    # Digits FID: the digits classifier's features, reference = all 1,437 'train' images.
+    # Digits FID: the digits classifier's features, reference = all 1,437 'train' images; 5,000
+    # samples per setting, also every 500 steps while training (eval.every_steps).
     config.eval.update(
         features="digits",
-        num_samples=10000,
+        num_samples=5000,
+        every_steps=500,
         reference_split="train",
         reference_limit=0,
         batch_size=256,

@@ -160,6 +160,7 @@ def _edit() -> ml_collections.ConfigDict:
 def _eval() -> ml_collections.ConfigDict:
     e = ml_collections.ConfigDict()
     e.num_samples = 50000  # --mode=eval: samples per checkpoint and setting (the papers' 50k)
+    e.every_steps = 0  # > 0: FID of every setting while training, every this many steps (and last)
     e.checkpoint_steps = ()  # checkpoints to score: () = the latest, else each listed step
     e.settings = ("1",)  # samplers: '1' one step | 'i0,...,N-1' ts | 'sigma=80,0.8' | EDM: 'N'
     e.features = "inception"  # inception (FID Inception-v3) | digits (the digits classifier)

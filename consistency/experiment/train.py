@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from consistency.experiment import methods, networks, sample, spec, train_state, update
+from consistency.experiment import methods, monitor, networks, sample, spec, train_state, update
 from consistency.experiment.train_state import TrainState
 from consistency.io import checkpoints, data, image_io, preemption, sharding
 
@@ -357,6 +357,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> TrainState:
     shardings = jax.tree.map(lambda a: a.sharding, template)
     train_step = update.train_step_for(config, network, tx, mesh, state_shardings=shardings)
     sample_fn = sample.make_sample_fn(config, network)
+    scorer = None
+    if config.eval.every_steps:  # FID while training: classifier and reference are made here
+        scorer = monitor.TrainingEval(config, workdir, network, mesh)
     batches = _batches(config, mesh, step)
     writer = _tensorboard(workdir) if lead else None
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -400,6 +403,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> TrainState:
                 raise Preempted(step)
             if save and config.sampling.grid_size > 0:
                 _snapshot(config, workdir, step, state, sample_fn, writer)
+            if scorer is not None and scorer.due(step, last=step == t.num_steps):
+                scorer(step, state.ema_params[config.eval.ema_index], writer)
     finally:
         watch.close()
         checkpointer.close()
