@@ -107,9 +107,17 @@ def test_adm_conversion_samples_and_reproduces_model_output(adm):
     _sample_and_check(config, adm["out"], params, network)
 
 
-def test_adm_conversion_is_a_cd_teacher(adm):
+def test_adm_conversion_is_a_cd_teacher(adm, tmp_path):
     config = adm["config"].copy_and_resolve_references()
-    config.training.teacher_checkpoint = str(adm["ckpt_dir"])
+    with pytest.raises(ValueError, match="must be a diffusion model"):  # converted as a CD model
+        config.training.teacher_checkpoint = str(adm["ckpt_dir"])
+        network = networks.build_network(config)
+        expected = checkpoints.param_fingerprint(sample.abstract_params(config, network))
+        train.load_teacher(config, network, expected)
+    ckpt_dir, _ = convert.convert(  # an official EDM teacher is converted as what it is
+        config, source="cm-pt", checkpoint=adm["files"][".pt"], out=tmp_path, method="edm"
+    )
+    config.training.teacher_checkpoint = str(ckpt_dir)
     network = networks.build_network(config)
     expected = checkpoints.param_fingerprint(sample.abstract_params(config, network))
     teacher = train.load_teacher(config, network, expected)
@@ -215,3 +223,31 @@ def test_command_line_converts_a_cm_checkpoint(tmp_path):
     params, found, _ = checkpoints.load_params(tmp_path / "checkpoints")
     assert found["converted_from"]["source"] == "cm-pt"
     assert sum(np.size(v) for v in jax.tree.leaves(params)) == meta["num_parameters"]
+
+
+def test_export_to_diffusers_round_trips_the_run(adm, tmp_path):
+    # --to=diffusers: our run -> a ConsistencyModelPipeline folder -> back: the same params.
+    config = adm["config"]
+    folder = convert.export(config, workdir=str(adm["out"]), out=str(tmp_path / "hf"))
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    ]
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    m = config.model
+    assert scheduler["num_train_timesteps"] == config.sampling.steps
+    assert (scheduler["sigma_min"], scheduler["sigma_max"], scheduler["rho"]) == (
+        m.sigma_min, m.sigma_max, m.rho,
+    )  # fmt: skip
+    ckpt_dir, _ = convert.convert(
+        config, source="diffusers", checkpoint=folder / "unet", out=tmp_path / "back"
+    )
+    got, want = checkpoints.load_params(ckpt_dir)[0], checkpoints.load_params(adm["ckpt_dir"])[0]
+    got, want = _flat(got), _flat(want)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    teacher = config.copy_and_resolve_references()
+    teacher.training.loss = "edm"  # a denoiser: the pipeline would sample it wrongly
+    with pytest.raises(ValueError, match="not a consistency model"):
+        convert.export(teacher, workdir=str(adm["out"]), out=str(tmp_path / "no"))
