@@ -5,10 +5,10 @@ import ml_collections
 
 def _data() -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
-    d.name = "digits"  # digits | cifar10 | imagenet64 | lsun_bedroom | image_folder
+    d.name = "digits"  # digits cifar10 imagenet64 imagenet64_chrabaszcz lsun_bedroom image_folder
     d.split = "train"  # split read for training
     d.data_dir = ""  # tensorflow-datasets data_dir ('' = TFDS default, ~/tensorflow_datasets)
-    d.folder = ""  # image_folder: the image directory (LSUN cat, custom data)
+    d.folder = ""  # image_folder: images (LSUN cat, custom data); imagenet64: a prepared folder
     d.image_size = 8  # images are centre-cropped / resized to this square size
     d.num_channels = 1  # 1 (digits) or 3 (RGB)
     d.random_flip = False  # random horizontal flips (the references flip CIFAR/ImageNet/LSUN)

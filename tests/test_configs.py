@@ -165,6 +165,16 @@ def test_paper_config_runs_one_step_on_mock_data(name, tmp_path):
             pixels = rng.integers(0, 256, (300, 280, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(folder / f"cat_{k:07d}.png")
         config.data.folder = str(folder)
+    if config.data.name == "imagenet64":  # as python -m consistency.io.prepare writes it
+        from PIL import Image
+
+        folder, rng = tmp_path / "imagenet64", np.random.default_rng(1)
+        folder.mkdir()
+        for k, wnid in enumerate(["n01440764", "n01443537", "n15075141"] * 3):
+            pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{wnid}_{k:08d}.png")
+        (folder / "prepared.json").write_text("{}")
+        config.data.folder = str(folder)
     if _needs_teacher(config):
         _write_teacher(config, tmp_path / "teacher")
         config.training.teacher_checkpoint = str(tmp_path / "teacher")

@@ -143,3 +143,24 @@ def test_unprepared_folder_names_the_command(tmp_path):
     else:
         raise AssertionError("an unprepared folder was accepted")
     assert prepare.main(["--dataset=cifar10", "--source=/no/such.tar.gz", "--out=x"]) == 2
+
+
+def test_chrabaszcz_source_remaps_labels_to_sorted_wnids(capsys):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=8):
+        raw = tfds.data_source("imagenet_resized/64x64", split="train")
+        source = data.make_source("imagenet64_chrabaszcz", split="train")
+        table = imagenet.resized_to_sorted()
+        for k in range(len(raw)):
+            assert int(source[k]["label"]) == table[int(raw[k]["label"])]
+    assert "not comparable with ADM's reference batch" in capsys.readouterr().out
+
+
+def test_imagenet64_without_a_prepared_folder_names_the_command():
+    try:
+        data.make_source("imagenet64", folder="")
+    except FileNotFoundError as e:
+        assert "consistency.io.prepare --dataset=imagenet64" in str(e)
+    else:
+        raise AssertionError("an unprepared ImageNet was accepted")

@@ -92,6 +92,19 @@ def _writable(path: pathlib.Path, key: str) -> list[str]:
     return []
 
 
+def _prepared_imagenet(config) -> list[str]:
+    """data.folder (data.name='imagenet64'): a folder `python -m consistency.io.prepare` wrote."""
+    folder = config.data.folder
+    if folder and (pathlib.Path(folder) / "prepared.json").is_file():
+        return []
+    return [
+        f"data.folder={folder!r}: data.name='imagenet64' reads ImageNet as ADM prepared it; "
+        "prepare it once with python -m consistency.io.prepare --dataset=imagenet64 "
+        "--source=ILSVRC2012_img_train.tar --out=DIR and pass --config.data.folder=DIR "
+        "(or use data.name='imagenet64_chrabaszcz', tfds' box-resized set)"
+    ]
+
+
 def _image_folder(config) -> list[str]:
     """data.folder (data.name='image_folder'): readable images of the right channels, or why not."""
     d = config.data
@@ -126,6 +139,9 @@ def problems(config, *, mode: str, workdir: str | None = None) -> list[str]:
         if t.distance == "lpips":
             for key, what in _LPIPS_FILES.items():
                 out += _file(t[key], f"training.{key}", what + " for training.distance='lpips'")
+    if mode in ("train", "eval") and config.data.name == "imagenet64":
+        if mode == "train" or not e.reference:
+            out += _prepared_imagenet(config)
     if mode in ("train", "eval") and config.data.name == "image_folder":
         if mode == "train" or not e.reference:
             out += _image_folder(config)

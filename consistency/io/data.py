@@ -8,11 +8,17 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
-DATASETS = ("digits", "cifar10", "imagenet64", "lsun_bedroom", "image_folder")
+from consistency.io import imagenet
+
+DATASETS = (
+    "digits", "cifar10", "imagenet64", "imagenet64_chrabaszcz", "lsun_bedroom", "image_folder",
+)  # fmt: skip
 # Our names -> tensorflow-datasets names (read as ArrayRecord through tfds.data_source).
 TFDS_NAMES = {
     "cifar10": "cifar10",
-    "imagenet64": "imagenet_resized/64x64",
+    # Chrabaszcz et al.'s box-resized ImageNet: labels remapped to the sorted WordNet IDs of the
+    # cm checkpoints; its pixels are not ADM's, so its FID is not comparable with ADM's batch.
+    "imagenet64_chrabaszcz": "imagenet_resized/64x64",
     "lsun_bedroom": "lsun/bedroom",
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -88,6 +94,11 @@ class ImageFolderSource:
         return {"image": image, "label": np.int32(self._labels[index])}
 
 
+# Folders up to this many images are decoded in full before training; larger ones (LSUN, a
+# prepared ImageNet) only have their headers read (PIL verify), so start-up stays in minutes.
+SCAN_DECODE_LIMIT = 20000
+
+
 class FolderReport(NamedTuple):
     """scan_folder's findings: problems (errors, one line each) and warnings (one line each)."""
 
@@ -109,14 +120,18 @@ def scan_folder(folder: str, *, num_channels: int, image_size: int) -> FolderRep
     from PIL import Image
 
     source = ImageFolderSource(folder)
+    decode = len(source._files) <= SCAN_DECODE_LIMIT
     bad, colour, sizes = [], [], {}
     for path in source._files:
         try:
             with Image.open(path) as img:
+                sizes[img.size] = sizes.get(img.size, 0) + 1
+                if not decode:
+                    img.verify()  # the file's structure (PNG: every chunk's CRC), no pixels
+                    continue
                 img.load()  # decodes: a truncated file fails here, not mid-training
                 if num_channels == 1 and not _is_grey(img):
                     colour.append(path)
-                sizes[img.size] = sizes.get(img.size, 0) + 1
         except (OSError, ValueError) as e:
             bad.append(f"{path} ({e})")
     problems, warnings = [], []
@@ -138,6 +153,15 @@ def scan_folder(folder: str, *, num_channels: int, image_size: int) -> FolderRep
     return FolderReport(problems, warnings)
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(message, flush=True)
+
+
 def make_source(name: str, *, split: str = "train", data_dir: str | None = None, folder=None):
     """A random-access source of {'image': uint8 HWC, 'label': int} records."""
     if name == "digits":
@@ -146,10 +170,21 @@ def make_source(name: str, *, split: str = "train", data_dir: str | None = None,
         if not folder:
             raise ValueError("data.name='image_folder' needs data.folder set to an image directory")
         return ImageFolderSource(folder)
+    if name == "imagenet64":  # ImageNet as ADM prepared it (python -m consistency.io.prepare)
+        return imagenet.PreparedImageNet(folder or "")
     if name in TFDS_NAMES:
         import tensorflow_datasets as tfds
 
-        return tfds.data_source(TFDS_NAMES[name], split=split, data_dir=data_dir)
+        source = tfds.data_source(TFDS_NAMES[name], split=split, data_dir=data_dir)
+        if name == "imagenet64_chrabaszcz":
+            _warn_once(
+                "WARNING: data.name='imagenet64_chrabaszcz' is the box-resized ImageNet of "
+                "tfds imagenet_resized (labels remapped to sorted WordNet IDs); its FID is not "
+                "comparable with ADM's reference batch: prepare ImageNet with "
+                "python -m consistency.io.prepare --dataset=imagenet64"
+            )
+            return imagenet.RemappedLabels(source, imagenet.resized_to_sorted())
+        return source
     raise ValueError(f"unknown dataset: {name!r}; choose one of {DATASETS}")
 
 
