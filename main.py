@@ -33,6 +33,10 @@ flags.DEFINE_enum(
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.")
+flags.DEFINE_bool(
+    "check", False, "Validate the config for --mode (every key, sampler and settings) and exit: "
+    "no file is read, nothing runs (./launch.sh --check)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,6 +44,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+    if FLAGS.check:  # one device: the lines are checked, not the machine
+        spec.validate(FLAGS.config, mode=FLAGS.mode, num_devices=None)
+        print(f"ok: {FLAGS.mode} {flags.FLAGS['config'].config_filename}", flush=True)
+        return
     sharding.initialize_distributed(
         FLAGS.distributed,
         coordinator_address=FLAGS.coordinator_address,
