@@ -137,3 +137,11 @@ def ema(config, rates: tuple, sample_rate: float):
     for section in (config.sampling, config.eval, config.edit):
         section.ema_index = index
     return config
+
+
+def two_step(config, *, steps: int, ts: tuple):
+    """The launch scripts' two-step sampler, stated once: sampling.ts on a steps-point grid,
+    and the eval settings one step and those indices."""
+    config.sampling.update(steps=steps, ts=tuple(ts))
+    config.eval.settings = ("1", ",".join(str(t) for t in ts))
+    return config

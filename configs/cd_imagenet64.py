@@ -11,6 +11,5 @@ VARIANTS = ("l1", "l2", "lpips")  # --config=FILE:ARG
 def get_config(metric: str = "lpips"):
     config = _paper.imagenet64(_paper.new())
     _paper.cd(config, metric, num_scales=40, target_ema=0.95, lr=8e-6, steps=600000)
-    config.sampling.update(steps=40, ts=(0, 22, 39))  # launch.sh two-step setting
-    config.eval.settings = ("1", "0,22,39")
+    _paper.two_step(config, steps=40, ts=(0, 22, 39))  # launch.sh two-step setting
     return config

@@ -11,6 +11,5 @@ VARIANTS = ("l1", "l2", "lpips")  # --config=FILE:ARG
 def get_config(metric: str = "lpips"):
     config = _paper.lsun256(_paper.new())
     _paper.cd(config, metric, num_scales=40, target_ema=0.95, lr=1e-5, steps=600000)
-    config.sampling.update(steps=40, ts=TS.get(metric, (0, 17, 39)))
-    config.eval.settings = ("1", ",".join(map(str, config.sampling.ts)))
+    _paper.two_step(config, steps=40, ts=TS.get(metric, (0, 17, 39)))
     return config

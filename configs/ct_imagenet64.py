@@ -10,6 +10,5 @@ from configs import _paper
 def get_config():
     config = _paper.imagenet64(_paper.new())
     _paper.ct(config, end_scales=200, start_ema=0.95, lr=1e-4, steps=800000)
-    config.sampling.update(steps=201, ts=(0, 106, 200))
-    config.eval.settings = ("1", "0,106,200")
+    _paper.two_step(config, steps=201, ts=(0, 106, 200))
     return config

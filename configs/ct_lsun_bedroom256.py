@@ -6,6 +6,5 @@ from configs import _paper
 def get_config():
     config = _paper.lsun256(_paper.new())
     _paper.ct(config, end_scales=150, start_ema=0.95, lr=5e-5, steps=1000000)
-    config.sampling.update(steps=151, ts=(0, 67, 150))
-    config.eval.settings = ("1", "0,67,150")
+    _paper.two_step(config, steps=151, ts=(0, 67, 150))
     return config
