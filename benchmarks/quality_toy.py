@@ -5,7 +5,8 @@
 The data is a mixture of isotropic Gaussians (benchmarks/toy_mixture.py), so the ideal denoiser
 D* is known in closed form, the CD teacher is exact, and the PF-ODE map f*(x, sigma) is
 integrated in float64 (tolerance checked against a 100x looser solve). Small MLP consistency
-models trained with the library's losses are scored by E||f_theta - f*|| over the 18-point
+models, trained as rows of the method table (experiment/methods.py) by the production train
+step (experiment/update.py), are scored by E||f_theta - f*|| over the 18-point
 Karras grid and by sliced W2 and unbiased MMD^2 of 1, 2 and 4 step samples against fresh true
 samples, next to the EDM Heun teacher (35 NFE), the exact ODE map applied to sigma_max z and a
 second true sample set (floor). ECT and the continuous-time losses start from an MLP diffusion
@@ -22,6 +23,7 @@ import pathlib
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere
-from toy_mixture import (  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from toy_mixture import (
     ODE_CHECK_RTOL,
     ODE_RTOL,
     SAMPLE_GRID,
@@ -43,11 +45,13 @@ from toy_mixture import (  # noqa: E402  (benchmarks/ is on sys.path when run as
     sample_mixture,
 )
 
-from consistency.core import distances, losses, ode, parameterization, schedules
-from consistency.experiment import train_state
+from consistency.core import distances, parameterization
+from consistency.core.schedules import Curriculum
+from consistency.experiment import methods, train_state, update
+from consistency.io import sharding
 from consistency.models.adm_layers import timestep_embedding
 
-SIGMA_MIN = schedules.SIGMA_MIN
+GROUP = 1  # steps per call of the train step: unrolled on CPU, so compile time grows with it
 
 
 class MLP(nn.Module):
@@ -73,7 +77,7 @@ class MLP(nn.Module):
 
 def _model(net: MLP, scalings):
     def fn(params, x, sigma, dropout_key=None):
-        f = lambda x_in, c: net.apply({"params": params}, x_in, c)  # noqa: E731
+        f = lambda x_in, c: net.apply({"params": params}, x_in, c)
         return parameterization.precondition(
             f, x, sigma, scalings=scalings, noise_cond=parameterization.c_noise_ncsnpp
         )
@@ -91,52 +95,85 @@ def denoiser_model(net: MLP):
     return _model(net, parameterization.edm_scalings)
 
 
+def model_fns(net: MLP, mix: Mixture) -> methods.ModelFns:
+    """The MLP as the method table's model functions; CD's teacher is the exact D*.
+
+    The teacher's params are None (the train step's teacher_params): denoiser(None, x, sigma)
+    is D*(x, sigma), denoiser(params, ...) the MLP with the EDM scalings (EDM, ECT). Labels and
+    dropout keys are ignored.
+    """
+    cm, dm = consistency_model(net), denoiser_model(net)
+    exact = functools.partial(denoiser, mix)
+
+    def denoise(params, x, sigma, y, key):
+        return exact(x, sigma) if params is None else dm(params, x, sigma, key)
+
+    return methods.ModelFns(
+        consistency=lambda params, x, sigma, y, key: cm(params, x, sigma, key),
+        denoiser=denoise,
+        raw=lambda params, x_in, c_noise, y, key: net.apply({"params": params}, x_in, c_noise),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One training recipe; mu is the target EMA (mu0 for the adaptive curriculum)."""
+    """One benchmark entry: a row of the method table (built for the run's length), its distance."""
 
     name: str
-    loss: str  # edm | cd | ct | ect | cd_continuous | ct_continuous
-    solver: str = "heun"
-    scale_mode: str = "fixed"
-    target_ema_mode: str = "fixed"
-    start_scales: int = 18
-    end_scales: int = 18
-    mu: float = 0.95
+    row: Callable[[int], methods.Method]  # total steps -> the row (curricula, ECT's stages)
     distance: str = "l2"
-    weighting: str = "uniform"
-    lognormal_indices: bool = False
-    online_target: bool = False  # iCT, ECT, continuous time: theta- = stopgrad(theta)
     from_diffusion: bool = False  # start from the EDM-trained MLP (ECT, continuous time)
-    ect_q: float = 2.0
-    ect_stages: int = 8  # ECT's CIFAR-10 run: 8 stages of equal length
-    stopgrad: bool = False  # continuous time: the pseudo-loss -sg(v) . f
-    ect_scalings: str = "edm"  # ECT trains D's scalings (the reference) or the boundary ones
+
+    def config(self, steps: int) -> dict:
+        """The row's loss and fields, and the distance (the results' JSON)."""
+        row = self.row(steps)
+        return dict(loss=row.name, distance=self.distance, from_diffusion=self.from_diffusion,
+                    **dataclasses.asdict(row))  # fmt: skip
 
 
-EDM = Method("EDM diffusion (init)", "edm", weighting="karras", online_target=True)
-_FROM_EDM = dict(from_diffusion=True, online_target=True)
-METHODS = tuple(
-    Method(f"CD-{s.capitalize()} N={n}", "cd", solver=s, start_scales=n, end_scales=n)
-    for s in ("euler", "heun") for n in (9, 18, 40)
-) + (
-    Method("CT N=18", "ct"),
+def _fixed(n: int, steps: int) -> Curriculum:
+    """N = n throughout, mu = 0.95 (the CM paper's CD)."""
+    return Curriculum(start_ema=0.95, start_scales=n, end_scales=n, total_steps=steps)
+
+
+def _cd(solver: str, n: int) -> Method:
+    """CD with the exact teacher D*: one Euler or Heun step on the N-point grid."""
+    row = lambda steps: methods.CD(schedule_spec=_fixed(n, steps), solver=solver)
+    return Method(f"CD-{solver.capitalize()} N={n}", row)
+
+
+def _ect(steps: int, scalings: str) -> methods.ECT:
+    """ECT's CIFAR-10 recipe: 1/t^2 + 1/sd^2, q = 2 over 8 stages of equal length."""
+    return methods.ECT(weighting="karras", q=2.0, stage_steps=max(steps // 8, 1), scalings=scalings)
+
+
+EDM = Method("EDM diffusion (init)", lambda steps: methods.EDM())
+METHODS = tuple(_cd(s, n) for s in ("euler", "heun") for n in (9, 18, 40)) + (
+    Method("CT N=18", lambda steps: methods.CT(schedule_spec=_fixed(18, steps))),
     # The paper's CIFAR-10 curriculum runs 2 -> 150 over 800k steps; over a few thousand steps
     # the digits config's 2 -> 40 leaves the target time to carry the boundary up the grid.
-    Method("CT adaptive 2->40", "ct", scale_mode="progressive", target_ema_mode="adaptive",
-           start_scales=2, end_scales=40, mu=0.9),
-    Method("iCT 10->1280", "ct", scale_mode="exponential", start_scales=10, end_scales=1280,
-           mu=0.0, distance="pseudo_huber", weighting="ict", lognormal_indices=True,
-           online_target=True),
-    # ECT's CIFAR-10 recipe (c = 0: the l2 norm; 1/t^2 + 1/sd^2; q = 2, 8 stages) from EDM,
-    # trained with the EDM scalings as the reference does, and with the boundary ones.
-    Method("ECT q=2 (from EDM)", "ect", distance="l2_norm", weighting="karras", **_FROM_EDM),
-    Method("ECT q=2, boundary scalings", "ect", distance="l2_norm", weighting="karras",
-           ect_scalings="boundary", **_FROM_EDM),
+    Method("CT adaptive 2->40", lambda steps: methods.CT(schedule_spec=Curriculum(
+        target_ema_mode="adaptive", scale_mode="progressive", start_ema=0.9, start_scales=2,
+        end_scales=40, total_steps=steps))),
+    # mu = 0: theta- = sg(theta), no target copy.
+    Method("iCT 10->1280", lambda steps: methods.CT(schedule_spec=Curriculum(
+        scale_mode="exponential", start_ema=0.0, start_scales=10, end_scales=1280,
+        total_steps=steps), weighting="ict", index_sampling="lognormal"),
+        distance="pseudo_huber"),
+    # ECT's CIFAR-10 recipe (c = 0: the l2 norm; 1/t^2 + 1/sd^2; q = 2, 8 stages of equal
+    # length) from EDM, trained with the EDM scalings as the reference does, and with the
+    # boundary ones.
+    Method("ECT q=2 (from EDM)", lambda steps: _ect(steps, "edm"), distance="l2_norm",
+           from_diffusion=True),
+    Method("ECT q=2, boundary scalings", lambda steps: _ect(steps, "boundary"),
+           distance="l2_norm", from_diffusion=True),
     # jcm's continuous-time variants: the tangent's l2 norm, or the stop-gradient pseudo-loss.
-    Method("CD-inf l2 (from EDM)", "cd_continuous", distance="l2_norm", **_FROM_EDM),
-    Method("CD-inf stopgrad (from EDM)", "cd_continuous", stopgrad=True, **_FROM_EDM),
-    Method("CT-inf stopgrad (from EDM)", "ct_continuous", stopgrad=True, **_FROM_EDM),
+    Method("CD-inf l2 (from EDM)", lambda steps: methods.CDContinuous(), distance="l2_norm",
+           from_diffusion=True),
+    Method("CD-inf stopgrad (from EDM)", lambda steps: methods.CDContinuous(stopgrad=True),
+           from_diffusion=True),
+    Method("CT-inf stopgrad (from EDM)", lambda steps: methods.CTContinuous(stopgrad=True),
+           from_diffusion=True),
 )  # fmt: skip
 
 
@@ -157,97 +194,64 @@ class Settings:
 QUICK = Settings(steps=300, chunk=300, n_samples=1024, n_mmd=512, n_points=32, n_check=128)
 
 
-def make_loss(method: Method, mix: Mixture, net: MLP, settings: Settings):
-    """mean_loss(params, target, x0, key, num_scales, step): the method's library loss."""
-    cm, dim = consistency_model(net), mix.means.shape[1]
-    index_sampler = None
-    if method.lognormal_indices:
-        top = schedules.max_num_scales(
-            method.scale_mode, start_scales=method.start_scales, end_scales=method.end_scales
-        )
-        index_sampler = functools.partial(schedules.sample_lognormal_indices, max_scales=top)
-    distance = distances.get_distance(method.distance, data_dim=dim)
-    weighting = parameterization.get_weighting(method.weighting)
-    teacher = functools.partial(denoiser, mix)  # the exact D*: CD's teacher
-    kw = dict(distance=distance, weighting=weighting)
-    stage_steps = max(settings.steps // method.ect_stages, 1)
-
-    def per_example(params, target, x0, key, num_scales, step):
-        if method.loss == "edm":
-            return losses.edm_loss(denoiser_model(net), params, x0, key, weighting=weighting)
-        if method.loss == "cd":
-            return losses.consistency_distillation_loss(
-                cm, params, target, teacher, ode.get_solver(method.solver), x0, key,
-                num_scales=num_scales, index_sampler=index_sampler, **kw,
-            )  # fmt: skip
-        if method.loss == "ct":
-            return losses.consistency_training_loss(
-                cm, params, target, x0, key, num_scales=num_scales, index_sampler=index_sampler,
-                **kw,
-            )  # fmt: skip
-        if method.loss == "ect":
-            edm_train = method.ect_scalings == "edm"
-            return losses.easy_consistency_loss(
-                denoiser_model(net) if edm_train else cm, params, x0, key, step, q=method.ect_q,
-                stage_steps=stage_steps, r_min=0.0 if edm_train else SIGMA_MIN, **kw,
-            )  # fmt: skip
-        if method.loss in ("cd_continuous", "ct_continuous"):
-            return losses.continuous_consistency_loss(
-                cm, params, x0, key, stopgrad=method.stopgrad,
-                teacher_denoise=teacher if method.loss == "cd_continuous" else None, **kw,
-            )  # fmt: skip
-        raise ValueError(f"unknown toy loss: {method.loss!r}")
-
-    def mean_loss(*args):
-        return jnp.mean(per_example(*args)[0])
-
-    return mean_loss
-
-
-def make_train_chunk(method: Method, mix: Mixture, net: MLP, tx, settings: Settings):
-    """A jitted run of settings.chunk steps: fresh mixture batches, loss, optimiser, target, EMA."""
-    schedule = functools.partial(
-        schedules.ema_and_scales, target_ema_mode=method.target_ema_mode,
-        scale_mode=method.scale_mode, start_ema=method.mu, start_scales=method.start_scales,
-        end_scales=method.end_scales, total_steps=settings.steps,
-    )  # fmt: skip
-    mean_loss = make_loss(method, mix, net, settings)
-    ema_rate = 1.0 - 10.0 / settings.steps  # EMA time constant: a tenth of the run
-
-    def step(state, _):
-        mu, num_scales = schedule(state.step)
-        k_data, k_loss = jax.random.split(jax.random.fold_in(jax.random.key(SEED), state.step))
-        x0 = sample_mixture(mix, k_data, settings.batch)
-        target = state.params if method.online_target else state.target_params
-        loss, grads = jax.value_and_grad(mean_loss)(
-            state.params, target, x0, k_loss, num_scales, state.step
-        )
-        state = train_state.apply_gradients(state, grads, tx, target_ema=mu, ema_rates=(ema_rate,))
-        return state, loss
-
-    return jax.jit(lambda state: jax.lax.scan(step, state, None, settings.chunk), donate_argnums=0)
+@functools.cache
+def _init_fn(net: MLP, dim: int):
+    return jax.jit(lambda key: net.init(key, jnp.zeros((1, dim)), jnp.zeros((1,)))["params"])
 
 
 def init_params(net: MLP, dim: int):
-    """The network's initial params (seed SEED), by one jitted init."""
-    init = jax.jit(lambda key: net.init(key, jnp.zeros((1, dim)), jnp.zeros((1,)))["params"])
-    return init(jax.random.key(SEED))
+    """The network's initial params (seed SEED), by one jitted init (compiled once per dim)."""
+    return _init_fn(net, dim)(jax.random.key(SEED))
+
+
+@functools.partial(jax.jit, static_argnames=("n", "batch"))
+def _batches(arrays, key, first, *, n: int, batch: int) -> dict:
+    """{'image': [n, batch, d], 'label': [n, batch]}: steps first..first+n-1's mixture batches,
+    step k's from fold_in(key, k). The mixture's arrays are arguments: one compile per dim."""
+    mix = Mixture(*arrays)
+    keys = jax.vmap(lambda k: jax.random.fold_in(key, k))(first + jnp.arange(n))
+    x = jax.vmap(lambda k: sample_mixture(mix, k, batch))(keys)
+    return {"image": x, "label": jnp.zeros(x.shape[:2], jnp.int32)}
 
 
 def train(method: Method, mix: Mixture, net: MLP, settings: Settings, init=None):
-    """EMA params after settings.steps steps from `init` (default: fresh), and the last loss."""
-    # A copy of `init`: the jitted chunks donate the state, and `init` serves several methods.
-    params = init_params(net, mix.means.shape[1]) if init is None else jax.tree.map(jnp.copy, init)
+    """EMA params after settings.steps steps from `init` (default: fresh), and the mean loss of
+    the last chunk of settings.chunk steps.
+
+    Through the production train step (experiment/update.py) on a one-device mesh: GROUP fused
+    steps per call, each on fresh mixture batches drawn on device; the loss noise is the step's
+    fold_in(key, step) and the example's fold_in(., i), as in training.
+    """
+    row = method.row(settings.steps)
+    dim = mix.means.shape[1]
+    # A copy of `init`: the step donates the state, and `init` serves several methods.
+    params = init_params(net, dim) if init is None else jax.tree.map(jnp.copy, init)
     tx = train_state.make_optimizer("radam", lr=settings.lr)
-    state = train_state.TrainState.create(
-        params, tx, num_ema=1, with_target=not method.online_target
-    )
-    run = make_train_chunk(method, mix, net, tx, settings)
-    for _ in range(settings.steps // settings.chunk):
-        state, loss = run(state)
-        if not np.isfinite(float(loss[-1])):
+    mesh = sharding.make_mesh(1, jax.devices()[:1])
+    rep = sharding.replicated(mesh)
+    state = train_state.TrainState.create(params, tx, num_ema=1, with_target=row.keeps_target)
+    state_shardings = jax.tree.map(lambda _: rep, state)
+    state = jax.device_put(state, state_shardings)
+    spec = update.StepSpec(ema_rates=(1.0 - 10.0 / settings.steps,), lr=settings.lr)  # tau: T/10
+    step = update.make_train_step(spec, row, model_fns(net, mix), tx, mesh, state_shardings)
+    distance = jax.tree_util.Partial(distances.get_distance(method.distance, data_dim=dim))
+    data_key, loss_key = jax.random.split(jax.random.key(SEED))
+    group = min(GROUP, settings.chunk)
+    if settings.steps % settings.chunk or settings.chunk % group:
+        raise ValueError(f"steps {settings.steps}, chunk {settings.chunk}, group {group}: "
+                         "each must divide the one before")  # fmt: skip
+    arrays = tuple(jnp.asarray(a, jnp.float32) for a in (mix.weights, mix.means, mix.stds))
+    batches = functools.partial(_batches, arrays, data_key, n=group, batch=settings.batch)
+
+    for first in range(0, settings.steps, settings.chunk):
+        logged = []  # on device: one sync per chunk
+        for k in range(first, first + settings.chunk, group):
+            state, metrics = step(state, batches(k), None, distance, loss_key)
+            logged.append(metrics)
+        if not all(bool(m["finite"]) for m in logged):
             raise FloatingPointError(f"{method.name}: non-finite loss by step {int(state.step)}")
-    return state.ema_params[0], float(np.mean(loss))
+    loss = float(np.mean([float(m["loss"]) for m in logged]))
+    return state.ema_params[0], loss
 
 
 def evaluate_dim(dim: int, settings: Settings, methods=METHODS) -> dict:
@@ -263,7 +267,7 @@ def evaluate_dim(dim: int, settings: Settings, methods=METHODS) -> dict:
 
     def record(name, method, params, loss, train_s):
         r = score(params)
-        r.update(final_loss=loss, train_s=round(train_s, 1), config=dataclasses.asdict(method))
+        r.update(final_loss=loss, train_s=round(train_s, 1), config=method.config(settings.steps))
         results[name] = r
         sw2 = " ".join(f"{r['samples'][k]['sw2']:.4f}" for k in ("1", "2", "4"))
         print(f"d={dim} {name:<28} {train_s:6.1f} s  E|f-f*| "
@@ -273,7 +277,7 @@ def evaluate_dim(dim: int, settings: Settings, methods=METHODS) -> dict:
         start = time.perf_counter()
         diffusion, loss = train(EDM, reference.mix, net, settings)
         train_s = time.perf_counter() - start
-        learned = lambda x, s: denoiser_model(net)(diffusion, x, s)  # noqa: E731
+        learned = lambda x, s: denoiser_model(net)(diffusion, x, s)
         baselines["EDM MLP (learned), Heun 35 NFE"] = reference.quality(
             heun_35(learned, reference.x_T)
         )
@@ -289,7 +293,7 @@ def evaluate_dim(dim: int, settings: Settings, methods=METHODS) -> dict:
 def targets(dim: int, r: dict) -> list[tuple[str, bool]]:
     """The issue's goals, measured, not asserted: CD-Heun near exact, Heun > Euler, 2 > 1 step."""
     m, floor = r["methods"], r["baselines"]["exact ODE f*(80 z)"]["sw2"]
-    sw2 = lambda name, k="1": m[name]["samples"][k]["sw2"]  # noqa: E731
+    sw2 = lambda name, k="1": m[name]["samples"][k]["sw2"]
     out = []
     if "CD-Heun N=18" in m:
         ratio = sw2("CD-Heun N=18") / floor
