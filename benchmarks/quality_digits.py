@@ -38,6 +38,8 @@ RUNS = {
     "cd_pseudo_huber": ("cd_digits", {"distance": "pseudo_huber"}, ("1", "0,11,17"), "edm", 600),
     "ct": ("ct_digits", {}, ("1", "0,22,40"), None, 1000),
     "ict": ("ict_digits", {}, ("1", ICT_TWO_STEP), None, 1000),
+    # Progressive distillation: N = 32 -> 1 over 5 halvings (150 steps each, the last two 300).
+    "pd": ("pd_digits", {}, ("1", "2", "4"), "edm", 1200),
     "ect": ("ect_digits", {}, ("1", ICT_TWO_STEP), "edm", 2000),  # 8 stages of 250
 }
 DEFAULT_RUNS = tuple(RUNS)
@@ -188,6 +190,8 @@ def main() -> None:
         record = json.loads(latest.read_text())
         for setting, metrics in record["settings"].items():
             nfe = NFE.get(setting, len(setting.removeprefix("sigma=").split(",")))
+            if name == "pd":  # N Euler steps, then the denoiser at sigma_min (jcm)
+                nfe = int(setting) + 1
             rows.append(
                 dict(
                     run=name,
