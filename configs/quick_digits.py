@@ -1,0 +1,31 @@
+"""A working consistency model from scratch in one command: iCT on the digits, ~5 min on 2 CPUs.
+
+iCT (configs/ict_digits.py: mu = 0, pseudo-Huber, lognormal pairs, 1/dt weights) with the
+curriculum and learning rate chosen for a 1,200-step run by measurement
+(benchmarks/results/quick_digits_search_2026-12-04.md, 5,000 samples against the train split):
+- N(k) 11 -> 161 (end_scales=160: 5 stages of 240 steps) instead of iCT's 11 -> 1281, which at
+  this length doubles N every ~130 steps: 1-step FID 28.0 vs 38.9 (1,000 steps), 2-step 9.1
+  vs 15.1; 11 -> 81 is worse (23.3 / 9.1 at lr 1e-3);
+- RAdam lr 1e-3 instead of 4e-4: 19.7 / 7.6 vs 28.0 / 9.1;
+- batch 128: 64 for 2,400 steps gives 17.7 / 8.1 but a step is only ~1.4x faster (6.7 vs
+  4.7 steps/s at best), so it costs ~1.4x the time; ECT from scratch (q = 2 every 200 steps)
+  is far behind at this length (91.8 / 37.1).
+Measured (this file, 2 shared cores): 1-step digits FID 19.7, 2-step (sigma 80, 0.821) 7.6 (the
+test split scores 11.2); 7.2 min wall including start-up and the final FID at 3.1 steps/s,
+~5 min expected at the 4.7 steps/s of a quieter machine. The aim (10 / 5) is not met.
+eval.every_steps = STEPS: both settings' FID is printed once, at the last step (~20 s).
+"""
+
+from configs import _digits, _successors
+
+STEPS = 1200
+
+
+def get_config():
+    config = _digits.digits()
+    _successors.ict(config, steps=STEPS)
+    config.training.end_scales = 160  # N = 11, 21, 41, 81, 161
+    config.optim.lr = 1e-3
+    config.sampling.sigmas = (80.0, _successors.ICT_MID_SIGMA["cifar10"])
+    config.eval.update(settings=("1", "sigma=80,0.821"), every_steps=STEPS)
+    return config
