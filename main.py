@@ -34,8 +34,10 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of proce
 flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.")
 flags.DEFINE_bool(
-    "check", False, "Validate the config for --mode (every key, sampler and settings) and exit: "
-    "no file is read, nothing runs (./launch.sh --check)."
+    "check",
+    False,
+    "Validate the config for --mode (every key, sampler and settings) and exit: "
+    "no file is read, nothing runs (./launch.sh --check).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -70,6 +70,14 @@ def test_sample_ids_do_not_depend_on_how_the_ids_are_split():
     second, _ = evaluate.sample_ids(config, sample_fn, params, ids[20:], mesh)
     assert whole.shape == (40, 8, 8, 1) and whole.dtype == np.uint8 and whole.std() > 10
     np.testing.assert_array_equal(whole, np.concatenate([first, second]))
+    # --mode=sample spreads its batches over every device too: the same images as on one device.
+    config.sampling.batch_size = 8
+    spread, _ = sample.generate(config, network, params, 40, sample_fn)
+    single, _ = sample.generate(
+        config, network, params, 40, sample_fn, mesh=sharding.make_mesh(1, jax.devices()[:1])
+    )
+    np.testing.assert_array_equal(spread, whole)
+    np.testing.assert_array_equal(single, whole)
 
 
 @pytest.fixture(scope="module")

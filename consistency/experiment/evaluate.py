@@ -76,25 +76,9 @@ def features_of(images: np.ndarray, extract, mesh, batch: int) -> dict[str, np.n
 
 
 def sample_ids(config, sample_fn, params, ids: np.ndarray, mesh) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 samples and labels of the given sample ids, eval.batch_size per call over the mesh.
-
-    Image k depends only on (sampling.seed, k): any split of the ids gives the same images.
-    """
-    batch = config.eval.batch_size
-    index, count = sharding.process_rows(mesh, batch)
-    rows = slice(index * batch // count, (index + 1) * batch // count)
-    key = jax.random.key(config.sampling.seed)
-    images, labels = [], []
-    for start in range(0, len(ids), batch):
-        part = ids[start : start + batch]
-        padded = np.concatenate([part, part[-1] + 1 + np.arange(batch - len(part))])
-        y = sample.sample_labels(config, padded)
-        local = {"ids": padded[rows].astype(np.int32), "labels": y[rows]}
-        g = sharding.global_array(local, sharding.batch_sharding(mesh))
-        x = sample_fn(params, key, g["ids"], g["labels"])
-        images.append(image_io.to_uint8(_gather(x))[: len(part)])
-        labels.append(y[: len(part)])
-    return np.concatenate(images), np.concatenate(labels)
+    """uint8 samples and labels of the given sample ids, eval.batch_size per call over the mesh
+    (sample.sample_ids): any split of the ids gives the same images."""
+    return sample.sample_ids(config, sample_fn, params, ids, mesh, config.eval.batch_size)
 
 
 def _setting_dir(

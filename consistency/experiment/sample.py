@@ -5,12 +5,13 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from consistency.core import ode, samplers, schedules
 from consistency.core.samplers import SamplerSpec
 from consistency.core.schedules import NoiseGrid
 from consistency.experiment import methods, networks, spec
-from consistency.io import checkpoints, image_io
+from consistency.io import checkpoints, image_io, sharding
 
 
 def make_sampler(fns: methods.ModelFns, sampler: SamplerSpec, grid: NoiseGrid, shape):
@@ -76,18 +77,49 @@ def sample_labels(config, ids: np.ndarray) -> np.ndarray:
     return np.asarray(jax.vmap(draw)(jnp.asarray(ids, jnp.uint32)), np.int32)
 
 
-def generate(config, network, params, num: int, sample_fn=None):
-    """num images (uint8 NHWC) and their labels; sample k depends only on (seed, k)."""
-    sample_fn = sample_fn or make_sample_fn(config, network)
-    batch = config.sampling.batch_size
+def _gather(x) -> np.ndarray:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sample_ids(config, sample_fn, params, ids: np.ndarray, mesh, batch: int):
+    """(uint8 samples, labels) of the given sample ids, `batch` per call spread over the mesh
+    (every device and host; each process feeds its rows). Image k depends only on
+    (sampling.seed, k): any split of the ids, any batch and any mesh give the same images."""
+    index, count = sharding.process_rows(mesh, batch)
+    rows = slice(index * batch // count, (index + 1) * batch // count)
     key = jax.random.key(config.sampling.seed)
     images, labels = [], []
-    for start in range(0, num, batch):
-        ids = np.arange(start, start + batch)  # the last batch is padded, then cut
-        y = sample_labels(config, ids)
-        images.append(image_io.to_uint8(sample_fn(params, key, ids, jnp.asarray(y))))
-        labels.append(y)
-    return np.concatenate(images)[:num], np.concatenate(labels)[:num]
+    for start in range(0, len(ids), batch):
+        part = ids[start : start + batch]
+        padded = np.concatenate([part, part[-1] + 1 + np.arange(batch - len(part))])
+        y = sample_labels(config, padded)
+        local = {"ids": padded[rows].astype(np.int32), "labels": y[rows]}
+        g = sharding.global_array(local, sharding.batch_sharding(mesh))
+        x = sample_fn(params, key, g["ids"], g["labels"])
+        images.append(image_io.to_uint8(_gather(x))[: len(part)])
+        labels.append(y[: len(part)])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _sampling_mesh(batch: int):
+    """Every device when they divide the batch; on one host, else the most that do."""
+    devices = jax.devices()
+    if batch % len(devices) and jax.process_count() > 1:
+        raise ValueError(
+            f"sampling.batch_size={batch} must be divisible by the device count ({len(devices)})"
+        )
+    count = max(k for k in range(1, len(devices) + 1) if batch % k == 0)
+    return sharding.make_mesh(1, devices[:count])
+
+
+def generate(config, network, params, num: int, sample_fn=None, mesh=None):
+    """num images (uint8 NHWC) and their labels over every device (sampling.batch_size per
+    call); sample k depends only on (seed, k)."""
+    sample_fn = sample_fn or make_sample_fn(config, network)
+    mesh = _sampling_mesh(config.sampling.batch_size) if mesh is None else mesh
+    params = jax.device_put(params, sharding.replicated(mesh))
+    ids = np.arange(num)
+    return sample_ids(config, sample_fn, params, ids, mesh, config.sampling.batch_size)
 
 
 def write_samples(out_dir, images: np.ndarray, labels: np.ndarray | None) -> pathlib.Path:
@@ -111,6 +143,8 @@ def run_sample(config, workdir) -> pathlib.Path:
     network = networks.build_network(config)
     params, _, step = load_checked(config, ckpt_dir, network, ema_index=s.ema_index, step=step)
     images, labels = generate(config, network, params, s.num_samples)
+    if jax.process_index() != 0:
+        return None
     out = write_samples(
         pathlib.Path(workdir) / "samples" / f"step_{step}",
         images,
