@@ -71,6 +71,20 @@ class _OneLineOrbaxErrors(logging.Filter):
         return True
 
 
+class _AbandonedReads(logging.Filter):
+    """Drops asyncio's 'Future exception was never retrieved' for tensorstore reads of a
+    checkpoint already reported as corrupt (orbax abandons the rest of its reads; each one
+    would log the same DATA_LOSS error when its future is collected)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(("Future exception", "Task exception")):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        text = str(error) if error is not None else message
+        return not ("DATA_LOSS" in text or "tensorstore_spec" in text)
+
+
 def _closed_loop_hook(previous):
     """Drops 'Event loop is closed' reports: tensorstore reads still in flight when orbax gives up
     on a truncated checkpoint complete into the closed asyncio loop, once per array."""
@@ -90,6 +104,9 @@ def _quiet_orbax() -> None:
     absl_logger = logging.getLogger("absl")
     if not any(isinstance(f, _OneLineOrbaxErrors) for f in absl_logger.filters):
         absl_logger.addFilter(_OneLineOrbaxErrors())
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReads) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_AbandonedReads())
     if not getattr(sys.unraisablehook, "quiet_closed_loop", False):
         sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
 
