@@ -58,10 +58,6 @@ def make_extractor(config, cache_dir: pathlib.Path):
     return extract
 
 
-def _gather(x) -> np.ndarray:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def features_of(images: np.ndarray, extract, mesh, batch: int) -> dict[str, np.ndarray]:
     """Features of uint8 images, in global batches spread over the mesh (the last one padded)."""
     index, count = sharding.process_rows(mesh, batch)
@@ -71,7 +67,7 @@ def features_of(images: np.ndarray, extract, mesh, batch: int) -> dict[str, np.n
         part = images[start : start + batch]
         padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part), axis=0)])
         x = sharding.global_array(padded[rows], sharding.batch_sharding(mesh))
-        out.append({k: _gather(v)[: len(part)] for k, v in extract(x).items()})
+        out.append({k: sample.gather(v)[: len(part)] for k, v in extract(x).items()})
     return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 

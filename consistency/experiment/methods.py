@@ -75,7 +75,8 @@ class Method:
         raise NotImplementedError
 
 
-def _grid(config) -> NoiseGrid:
+def noise_grid(config) -> NoiseGrid:
+    """The configured noise range and Karras exponent (model.sigma_min, sigma_max, rho)."""
     m = config.model
     return NoiseGrid(sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho)
 
@@ -203,7 +204,7 @@ class CT(Method):
                 f"use training.loss='pd' (not {cls.name!r})"
             )
         return dict(
-            grid=_grid(config),
+            grid=noise_grid(config),
             schedule_spec=_curriculum(config),
             weighting=t.weighting,
             sigma_data=config.model.sigma_data,
@@ -303,7 +304,7 @@ class PD(Method):
     def from_config(cls, config):
         t = config.training
         return cls(
-            grid=_grid(config),
+            grid=noise_grid(config),
             start_scales=t.start_scales,
             distill_steps_per_iter=t.distill_steps_per_iter,
             weighting=t.weighting,
@@ -406,7 +407,7 @@ class CTContinuous(Method):
                 f"of the l2 norm), not {t.distance!r}"
             )
         return cls(
-            grid=_grid(config),
+            grid=noise_grid(config),
             stopgrad=t.continuous_stopgrad,
             weighting=t.weighting,
             sigma_data=config.model.sigma_data,

@@ -59,7 +59,7 @@ def make_sample_fn(config, network: networks.Network, sampler: SamplerSpec | Non
     sampler = spec.sampler(config) if sampler is None else sampler
     shape = (d.image_size, d.image_size, d.num_channels)
     return make_sampler(
-        networks.model_fns(network, config), sampler, spec.noise_grid(config), shape
+        networks.model_fns(network, config), sampler, methods.noise_grid(config), shape
     )
 
 
@@ -77,7 +77,8 @@ def sample_labels(config, ids: np.ndarray) -> np.ndarray:
     return np.asarray(jax.vmap(draw)(jnp.asarray(ids, jnp.uint32)), np.int32)
 
 
-def _gather(x) -> np.ndarray:
+def gather(x) -> np.ndarray:
+    """Every process's rows of a global array, on the host."""
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -96,7 +97,7 @@ def sample_ids(config, sample_fn, params, ids: np.ndarray, mesh, batch: int):
         local = {"ids": padded[rows].astype(np.int32), "labels": y[rows]}
         g = sharding.global_array(local, sharding.batch_sharding(mesh))
         x = sample_fn(params, key, g["ids"], g["labels"])
-        images.append(image_io.to_uint8(_gather(x))[: len(part)])
+        images.append(image_io.to_uint8(gather(x))[: len(part)])
         labels.append(y[: len(part)])
     return np.concatenate(images), np.concatenate(labels)
 

@@ -9,7 +9,6 @@ import numpy as np
 
 from consistency.core import samplers
 from consistency.core.samplers import SamplerSpec
-from consistency.core.schedules import NoiseGrid
 from consistency.experiment import methods, networks, paths, train_state
 from consistency.io import data
 from consistency.measure import inception
@@ -143,11 +142,6 @@ def _rule_problems(config, rules) -> list[str]:
         for key, (ok, need) in rules.items()
         if not ok(_lookup(config, key))
     ]
-
-
-def noise_grid(config) -> NoiseGrid:
-    m = config.model
-    return NoiseGrid(sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho)
 
 
 def _training_problems(config, bad: set[str], num_devices: int | None) -> list[str]:
@@ -338,7 +332,7 @@ def sampler(config, setting: str | None = None) -> SamplerSpec:
 
 def _sigmas(config, sigmas, ts, steps, section: str) -> tuple[float, ...]:
     """Evaluation sigmas: explicit ones, indices ts of a steps-point grid, or one step."""
-    grid = noise_grid(config)
+    grid = methods.noise_grid(config)
     try:
         if sigmas:
             out = np.asarray(sigmas, np.float32)

@@ -126,12 +126,12 @@ def make_train_step(
 
 def step_spec(config) -> StepSpec:
     """The configured StepSpec."""
-    t, m, o = config.training, config.model, config.optim
+    t, o = config.training, config.optim
     return StepSpec(
         ema_rates=tuple(t.ema_rates),
         ema_warmup=t.ema_warmup,
         micro_batches=t.micro_batches,
-        grid=NoiseGrid(sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho),
+        grid=methods.noise_grid(config),
         lr=o.lr,
         warmup_steps=o.warmup_steps,
     )
