@@ -54,7 +54,7 @@ def imagenet64(config):
     config.training.ema_rates = IMAGENET_EMA
     config.training.snapshot_every = 10000
     config.sampling.update(grid_size=64, batch_size=256, num_samples=50000)
-    # ADM's reference batch: download scoring.ADM_REF_BATCHES + imagenet/64/... to this path.
+    # ADM's reference batch: download evaluate.ADM_REF_BATCHES + imagenet/64/... to this path.
     # The ADM evaluator's TF1 graph resizes with the legacy ResizeBilinear.
     config.eval.update(
         reference="ref_batches/VIRTUAL_imagenet64_labeled.npz", batch_size=256, resize="tf1"
@@ -80,7 +80,7 @@ def lsun256(config, name="lsun_bedroom", folder=""):
     config.training.ema_rates = LSUN_EMA
     config.training.snapshot_every = 10000
     config.sampling.update(grid_size=16, batch_size=32, num_samples=50000)
-    # ADM's reference batches: scoring.ADM_REF_BATCHES + lsun/{bedroom,cat}/..., to this path.
+    # ADM's reference batches: evaluate.ADM_REF_BATCHES + lsun/{bedroom,cat}/..., to this path.
     ref = "VIRTUAL_lsun_bedroom256.npz" if name == "lsun_bedroom" else "VIRTUAL_lsun_cat256.npz"
     config.eval.update(reference=f"ref_batches/{ref}", batch_size=32, resize="tf1")  # ADM evaluator
     return _cm_lineage(config)
