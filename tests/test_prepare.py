@@ -164,3 +164,19 @@ def test_imagenet64_without_a_prepared_folder_names_the_command():
         assert "consistency.io.prepare --dataset=imagenet64" in str(e)
     else:
         raise AssertionError("an unprepared ImageNet was accepted")
+
+
+def test_training_crop_is_adm_crop_and_keeps_grey_images_grey():
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        data.center_crop(rgb, 32), imagenet.adm_center_crop(Image.fromarray(rgb), 32)
+    )
+    grey = rng.integers(0, 256, (40, 50, 1), dtype=np.uint8)
+    out = data.center_crop(grey, 16)
+    assert out.shape == (16, 16, 1) and out.dtype == np.uint8
+    np.testing.assert_array_equal(
+        out[..., 0], imagenet.adm_center_crop(Image.fromarray(grey[..., 0]), 16)[..., 0]
+    )
+    already = grey[:16, :16]
+    assert data.center_crop(already, 16) is already

@@ -189,22 +189,15 @@ def make_source(name: str, *, split: str = "train", data_dir: str | None = None,
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """Box-halve while the short side is >= 2*size, bicubic-resize it to size, crop the centre.
-
-    The ImageNet/LSUN references' preprocessing; an image already size x size is unchanged.
-    """
+    """imagenet.adm_center_crop (the ImageNet/LSUN references' preprocessing) of a uint8 HWC
+    array of any channel count; an image already size x size is unchanged."""
     if image.shape[0] == size and image.shape[1] == size:
         return image
     from PIL import Image
 
-    pil = Image.fromarray(image)
-    while min(pil.size) >= 2 * size:
-        pil = pil.resize(tuple(s // 2 for s in pil.size), resample=Image.BOX)
-    scale = size / min(pil.size)
-    pil = pil.resize(tuple(round(s * scale) for s in pil.size), resample=Image.BICUBIC)
-    arr = np.asarray(pil)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top : top + size, left : left + size]
+    grey = image.shape[-1] == 1
+    out = imagenet.resize_and_crop(Image.fromarray(image[..., 0] if grey else image), size)
+    return out[..., None] if grey else out
 
 
 @dataclasses.dataclass(frozen=True)

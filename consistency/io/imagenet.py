@@ -63,9 +63,13 @@ def adm_center_crop(image, size: int) -> np.ndarray:
     """ADM's preprocessing (guided-diffusion image_datasets.center_crop_arr) of a PIL image:
     halve with a box filter while the short side is >= 2 size, bicubic-resize the short side
     to `size`, then crop the centre square. Returns uint8 HWC (RGB)."""
+    return resize_and_crop(image.convert("RGB"), size)
+
+
+def resize_and_crop(image, size: int) -> np.ndarray:
+    """adm_center_crop's resampling in the PIL image's own mode (grey stays grey): uint8 HW[C]."""
     from PIL import Image
 
-    image = image.convert("RGB")
     while min(*image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = size / min(*image.size)
