@@ -1,6 +1,6 @@
 """Map the paper's PyTorch ADM state dicts (cm .pt checkpoints) onto the Flax ADMUNet param tree."""
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -61,19 +61,24 @@ def _target_leaf(flat: Mapping, path: tuple, leaf: str, name: str) -> tuple:
     return keys[0]
 
 
-def cm_state_dict_to_flax(state_dict: Mapping[str, np.ndarray], target: Any) -> dict:
+def cm_state_dict_to_flax(
+    state_dict: Mapping[str, np.ndarray],
+    target: Any,
+    module_path: Callable[[str], tuple[tuple[str, ...], str]] = cm_module_path,
+) -> dict:
     """Flax params {'params': ...} (numpy float32) from a cm UNet state dict, shaped like `target`.
 
     `target` is the model's param tree (arrays or jax.ShapeDtypeStruct, with or without the
     'params' level). Every state-dict key must land on a parameter of matching shape and every
     parameter must be filled: anything else raises an error naming the key or parameter. Works on
     zero-stride placeholders (np.broadcast_to) too, so shapes can be checked without memory.
+    `module_path` maps a key to (Flax module path, torch leaf); other torch networks pass theirs.
     """
     params = target.get("params", target) if isinstance(target, Mapping) else target
     flat = traverse_util.flatten_dict(params)
     out: dict[tuple, np.ndarray] = {}
     for name, value in state_dict.items():
-        path, leaf = cm_module_path(name)
+        path, leaf = module_path(name)
         key = _target_leaf(flat, path, leaf, name)
         if key in out:
             raise KeyError(f"state-dict key {name!r} fills {'/'.join(key)} a second time")

@@ -1,0 +1,133 @@
+"""Read diffusers AutoencoderKL folders (config.json + safetensors, no torch) into Flax."""
+
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from consistency.convert.cm_pt import cm_state_dict_to_flax
+from consistency.convert.diffusers import read_safetensors
+from consistency.io.torch_pt import load_torch_state_dict
+from consistency.models.autoencoder_kl import ACTIVATIONS, AutoencoderKL
+
+# AutoencoderKL config key -> (network field, diffusers' default when the key is absent).
+_FIELDS = {
+    "in_channels": ("in_channels", 3),
+    "out_channels": ("out_channels", 3),
+    "block_out_channels": ("block_out_channels", (64,)),
+    "layers_per_block": ("layers_per_block", 1),
+    "latent_channels": ("latent_channels", 4),
+    "norm_num_groups": ("norm_num_groups", 32),
+    "act_fn": ("act_fn", "silu"),
+    "mid_block_add_attention": ("mid_block_add_attention", True),
+    "use_quant_conv": ("use_quant_conv", True),
+    "use_post_quant_conv": ("use_post_quant_conv", True),
+    "scaling_factor": ("scaling_factor", 0.18215),
+}
+# The only block types the architecture has; one per level of block_out_channels.
+_BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+# Keys that change nothing in the network: bookkeeping, the tiling size, a pipeline dtype hint
+# (the caller picks the compute dtype).
+_IGNORED = ("_class_name", "_diffusers_version", "_name_or_path", "sample_size", "force_upcast")
+# Per-channel latent statistics some pipelines (SDXL-derived) apply: not implemented.
+_NULL_ONLY = ("latents_mean", "latents_std")
+# Pre-0.14 attention names (diffusers renames them on load).
+_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}
+_KNOWN = {*_FIELDS, *_BLOCK_TYPES, *_IGNORED, *_NULL_ONLY, "shift_factor"}
+WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def _unsupported(key: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"AutoencoderKL config {key}={value!r} is not supported: {why}")
+
+
+def _check_block_types(vae_config: Mapping[str, Any], levels: int) -> None:
+    for key, want in _BLOCK_TYPES.items():
+        types = list(vae_config.get(key, [want]))
+        if any(t != want for t in types):
+            raise _unsupported(key, types, f"every level must be {want!r}")
+        if len(types) != levels:
+            raise _unsupported(key, types, f"need one per block_out_channels level ({levels})")
+
+
+def autoencoder_kwargs(vae_config: Mapping[str, Any]) -> dict[str, Any]:
+    """AutoencoderKL fields of a diffusers AutoencoderKL config.json; unsupported keys raise."""
+    unknown = sorted(set(vae_config) - _KNOWN)
+    if unknown:
+        raise _unsupported(unknown[0], vae_config[unknown[0]], f"unknown keys {unknown}")
+    cls = vae_config.get("_class_name", "AutoencoderKL")
+    if cls != "AutoencoderKL":
+        raise _unsupported("_class_name", cls, "only AutoencoderKL folders are read")
+    for key in _NULL_ONLY:
+        if vae_config.get(key) is not None:
+            raise _unsupported(key, vae_config[key], "per-channel latent statistics")
+    kwargs = {field: vae_config.get(key, default) for key, (field, default) in _FIELDS.items()}
+    kwargs["block_out_channels"] = tuple(int(c) for c in kwargs["block_out_channels"])
+    kwargs["shift_factor"] = float(vae_config.get("shift_factor") or 0.0)
+    kwargs["scaling_factor"] = float(kwargs["scaling_factor"])
+    _check_block_types(vae_config, len(kwargs["block_out_channels"]))
+    if kwargs["act_fn"] not in ACTIVATIONS:
+        raise _unsupported("act_fn", kwargs["act_fn"], f"choose one of {sorted(ACTIVATIONS)}")
+    groups = kwargs["norm_num_groups"]
+    if any(c % groups for c in kwargs["block_out_channels"]):
+        raise _unsupported("norm_num_groups", groups, "it must divide every block_out_channels")
+    return kwargs
+
+
+def vae_module_path(name: str) -> tuple[tuple[str, ...], str]:
+    """'encoder.mid_block.attentions.0.to_out.0.weight' -> ((..., 'attentions_0', 'to_out_0'),
+    'weight'): index parts join their module's name; legacy attention names are renamed."""
+    *parts, leaf = name.split(".")
+    if leaf not in ("weight", "bias") or not parts or parts[0].isdigit():
+        raise KeyError(f"state-dict key {name!r} is not an AutoencoderKL parameter name")
+    path: list[str] = []
+    for part in parts:
+        if part.isdigit():
+            path[-1] = f"{path[-1]}_{part}"
+        elif path and path[-1].startswith("attentions_") and part in _LEGACY_ATTN:
+            path.append(_LEGACY_ATTN[part])
+        else:
+            path.append(part)
+    return tuple(path), leaf
+
+
+def param_shapes(model: AutoencoderKL) -> Any:
+    """The model's param tree as jax.ShapeDtypeStruct (no memory, no compute)."""
+    side = model.downsampling_factor()
+    x = jax.ShapeDtypeStruct((1, side, side, model.in_channels), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), x)
+
+
+def state_dict_to_flax(state: Mapping[str, np.ndarray], model: AutoencoderKL) -> dict:
+    """{'params': ...} (numpy float32) of `model` from diffusers AutoencoderKL weights.
+
+    Conv weights OIHW -> HWIO; attention weights (O, I) or legacy 1x1 convs (O, I, 1, 1) -> (I, O).
+    A key that fits no parameter, a misshapen tensor or an unfilled parameter raises, naming it.
+    """
+    return cm_state_dict_to_flax(state, param_shapes(model), module_path=vae_module_path)
+
+
+def read_vae_folder(folder: str | pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config, diffusers state dict) of a vae/ folder: config.json + .safetensors (or .bin)."""
+    folder = pathlib.Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder}: no config.json (expected an AutoencoderKL folder)")
+    vae_config = json.loads((folder / "config.json").read_text())
+    if (folder / WEIGHTS[0]).exists():
+        return vae_config, read_safetensors(folder / WEIGHTS[0])
+    if (folder / WEIGHTS[1]).exists():
+        return vae_config, load_torch_state_dict(str(folder / WEIGHTS[1]))
+    raise FileNotFoundError(f"{folder}: no {' or '.join(WEIGHTS)}")
+
+
+def load_diffusers_vae(
+    folder: str | pathlib.Path, *, dtype: Any = jnp.float32
+) -> tuple[AutoencoderKL, dict, dict]:
+    """(network computing in `dtype`, {'params': ...} in float32, config) of a vae/ folder."""
+    vae_config, state = read_vae_folder(folder)
+    model = AutoencoderKL(**autoencoder_kwargs(vae_config), dtype=dtype)
+    return model, state_dict_to_flax(state, model), vae_config
