@@ -95,3 +95,22 @@ def assert_close_scaled(actual, desired, rtol, err_msg=""):
     scale = max(np.max(np.abs(desired)), 1e-30)
     assert err <= rtol * scale, f"{err_msg}: max abs err {err:.3g} > {rtol} * {scale:.3g}"
     return err / scale
+
+
+def closed_form_vp_net(f_params: dict, *, s: float | None = None):
+    """The diffusers fixtures' model F(x, t) = a tanh(b x + c t/1000 + s) + d x, float32.
+
+    t is the integer timestep ([B] or a scalar); `s` overrides f_params["s"] (vp_solvers gives
+    s_cond / s_uncond separately).
+    """
+    import jax.numpy as jnp
+
+    a, b, c, d = (jnp.float32(f_params[k]) for k in "abcd")
+    shift = jnp.float32(f_params["s"] if s is None else s)
+
+    def net(x, t):
+        t = jnp.asarray(t).astype(jnp.float32)
+        t = t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
+        return a * jnp.tanh(b * x + c * (t / 1000) + shift) + d * x
+
+    return net

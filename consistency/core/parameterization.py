@@ -1,4 +1,4 @@
-"""Preconditioning: EDM, boundary and TrigFlow scalings, noise conditioning, loss weightings."""
+"""Preconditioning: EDM, boundary, LCM, TrigFlow scalings, noise conditioning, loss weightings."""
 
 from collections.abc import Callable
 
@@ -34,6 +34,20 @@ def boundary_scalings(
     c_out = (sigma - sigma_min) * sigma_data / jnp.sqrt(sigma**2 + sigma_data**2)
     c_in = 1.0 / jnp.sqrt(sigma**2 + sigma_data**2)
     return c_skip, c_out, c_in
+
+
+def lcm_scalings(
+    t: jax.Array, *, timestep_scaling: float = 10.0, sigma_data: float = SIGMA_DATA
+) -> tuple[jax.Array, jax.Array]:
+    """LCM: c_skip = sd^2/((s t)^2 + sd^2), c_out = s t/sqrt((s t)^2 + sd^2), s = timestep_scaling.
+
+    t is the integer DDPM timestep; no sigma_min shift: c_skip(0) = 1, c_out(0) = 0 exactly. The
+    network sees x itself (c_in = 1) and its output is first turned into x0 (`vp.predicted_x0`).
+    """
+    scaled = jnp.asarray(t).astype(jnp.float32) * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / jnp.sqrt(scaled**2 + sigma_data**2)
+    return c_skip, c_out
 
 
 def trigflow_time(sigma: jax.Array, *, sigma_data: float = SIGMA_DATA) -> jax.Array:
