@@ -258,3 +258,20 @@ def test_validation_names_every_bad_key_once():
         assert sum(text in line for line in lines) == 1, text
     with pytest.raises(spec.ConfigError, match=r"x training.micro_batches \(4\) = 32"):
         spec.validate_config(_config(micro_batches=4), num_devices=8)
+
+
+def test_snapshot_grid_samples_the_ema_copy_that_sampling_reads(tmp_path):
+    config = test_config.get_config()
+    config.sampling.grid_size = 4
+    config.sampling.ema_index = 1
+    seen = []
+
+    def sample_fn(params, key, ids, labels):
+        seen.append(float(params))
+        return jnp.zeros((len(ids), 8, 8, 1))
+
+    class State:
+        ema_params = (jnp.float32(0.0), jnp.float32(1.0))
+
+    train._snapshot(config, tmp_path, 7, State(), sample_fn, None)
+    assert seen == [1.0] and (tmp_path / "samples" / "grid_0000007.png").exists()

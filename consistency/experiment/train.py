@@ -97,11 +97,12 @@ def _log(writer, step: int, metrics: dict, rate: float, num_steps: int, start: f
 
 
 def _snapshot(config, workdir, step, state, sample_fn, writer):
-    """PNG grid (and a TensorBoard image) of samples from the first EMA copy (process 0 writes)."""
+    """PNG grid (and a TensorBoard image) of samples from the EMA copy that sampling reads
+    (sampling.ema_index; process 0 writes)."""
     n = config.sampling.grid_size
     ids = np.arange(n)
     labels = jnp.asarray(sample.sample_labels(config, ids))
-    images = sample_fn(state.ema_params[0], jax.random.key(0), ids, labels)
+    images = sample_fn(state.ema_params[config.sampling.ema_index], jax.random.key(0), ids, labels)
     # Every process takes part in sampling (the params may be sharded over hosts).
     images = image_io.to_uint8(multihost_utils.process_allgather(images, tiled=True))
     if jax.process_index() != 0:
