@@ -15,6 +15,7 @@ from consistency.convert.diffusers_export import write_safetensors
 from consistency.convert.diffusers_vae import (
     WEIGHTS,
     autoencoder_kwargs,
+    export_diffusers_vae,
     load_diffusers_vae,
     param_shapes,
 )
@@ -109,6 +110,14 @@ def test_bfloat16_compute_within_its_bound(case, key):
     refdata.assert_close_scaled(ours, ref, BF16_RTOL, key)
 
 
+def test_fused_attention_kernel_matches(case):
+    """JAX's dot_product_attention ('xla') in the mid blocks gives the same decoder output."""
+    model, params, _ = load_diffusers_vae(case["folder"], attention_impl="xla")
+    latents = refdata.nhwc(case["ref"]["dec/latents"])
+    out = jax.jit(lambda p: model.apply(p, latents, method="decode"))(params)
+    refdata.assert_close_scaled(out, refdata.nhwc(case["ref"]["dec/output"]), NETWORK_RTOL)
+
+
 def test_float32_matches_the_float64_rerun(case):
     for key in ("enc/mean", "enc/logvar"):
         ours, ref = case["runs"]["float32"][key], refdata.nhwc(case["ref"][f"{key}_f64"])
@@ -149,6 +158,15 @@ def test_legacy_attention_names_and_1x1_conv_shapes(case, tmp_path):
     assert flat.keys() == flat_want.keys()
     for k in flat:
         np.testing.assert_array_equal(flat[k], flat_want[k], "/".join(k))
+
+
+def test_export_writes_the_fixture_folder_byte_for_byte(case, tmp_path):
+    model, params, config = load_diffusers_vae(case["folder"])
+    out = export_diffusers_vae(params, model, tmp_path / "vae", sample_size=config["sample_size"])
+    for name in ("config.json", WEIGHTS[0]):
+        assert (out / name).read_bytes() == (case["folder"] / name).read_bytes(), name
+    with pytest.raises(FileExistsError):
+        export_diffusers_vae(params, model, out, sample_size=config["sample_size"])
 
 
 def test_missing_tensor_is_named(case, tmp_path):
@@ -195,12 +213,14 @@ def test_variants_without_quant_convs_or_attention():
         mid_block_add_attention=False,
         shift_factor=0.1,
     )
-    x = jnp.linspace(-1, 1, 2 * 16 * 16 * 3).reshape(2, 16, 16, 3)
-    params = jax.jit(model.init)(jax.random.key(0), x)
+    x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)  # shapes only: no compile
     names = ["/".join(k) for k in traverse_util.flatten_dict(params["params"])]
     assert not [n for n in names if "quant_conv" in n or "attentions" in n]
     assert "decoder/up_blocks_0/resnets_2/conv2/kernel" in names
-    z = jax.jit(lambda p: model.apply(p, x, method="encode").mean)(params)
+    z = jax.eval_shape(lambda p, x: model.apply(p, x, method="encode").mean, params, x)
     assert z.shape == (2, 4, 4, 3)
-    assert jax.eval_shape(lambda p: model.apply(p, z, method="decode"), params).shape == x.shape
+    decoded = jax.eval_shape(lambda p, z: model.apply(p, z, method="decode"), params, z)
+    assert decoded.shape == x.shape
+    z = jnp.linspace(-1, 1, 12)
     np.testing.assert_allclose(model.unscale_latents(model.scale_latents(z)), z, atol=1e-6)

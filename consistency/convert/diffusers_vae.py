@@ -8,9 +8,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from consistency.convert.cm_pt import cm_state_dict_to_flax
 from consistency.convert.diffusers import read_safetensors
+from consistency.convert.diffusers_export import DIFFUSERS_VERSION, write_safetensors
 from consistency.io.torch_pt import load_torch_state_dict
 from consistency.models.autoencoder_kl import ACTIVATIONS, AutoencoderKL
 
@@ -45,31 +47,33 @@ def _unsupported(key: str, value: Any, why: str) -> ValueError:
     return ValueError(f"AutoencoderKL config {key}={value!r} is not supported: {why}")
 
 
-def _check_block_types(vae_config: Mapping[str, Any], levels: int) -> None:
+def _check_block_types(diffusers_config: Mapping[str, Any], levels: int) -> None:
     for key, want in _BLOCK_TYPES.items():
-        types = list(vae_config.get(key, [want]))
+        types = list(diffusers_config.get(key, [want]))
         if any(t != want for t in types):
             raise _unsupported(key, types, f"every level must be {want!r}")
         if len(types) != levels:
             raise _unsupported(key, types, f"need one per block_out_channels level ({levels})")
 
 
-def autoencoder_kwargs(vae_config: Mapping[str, Any]) -> dict[str, Any]:
+def autoencoder_kwargs(diffusers_config: Mapping[str, Any]) -> dict[str, Any]:
     """AutoencoderKL fields of a diffusers AutoencoderKL config.json; unsupported keys raise."""
-    unknown = sorted(set(vae_config) - _KNOWN)
+    unknown = sorted(set(diffusers_config) - _KNOWN)
     if unknown:
-        raise _unsupported(unknown[0], vae_config[unknown[0]], f"unknown keys {unknown}")
-    cls = vae_config.get("_class_name", "AutoencoderKL")
+        raise _unsupported(unknown[0], diffusers_config[unknown[0]], f"unknown keys {unknown}")
+    cls = diffusers_config.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise _unsupported("_class_name", cls, "only AutoencoderKL folders are read")
     for key in _NULL_ONLY:
-        if vae_config.get(key) is not None:
-            raise _unsupported(key, vae_config[key], "per-channel latent statistics")
-    kwargs = {field: vae_config.get(key, default) for key, (field, default) in _FIELDS.items()}
+        if diffusers_config.get(key) is not None:
+            raise _unsupported(key, diffusers_config[key], "per-channel latent statistics")
+    kwargs = {
+        field: diffusers_config.get(key, default) for key, (field, default) in _FIELDS.items()
+    }
     kwargs["block_out_channels"] = tuple(int(c) for c in kwargs["block_out_channels"])
-    kwargs["shift_factor"] = float(vae_config.get("shift_factor") or 0.0)
+    kwargs["shift_factor"] = float(diffusers_config.get("shift_factor") or 0.0)
     kwargs["scaling_factor"] = float(kwargs["scaling_factor"])
-    _check_block_types(vae_config, len(kwargs["block_out_channels"]))
+    _check_block_types(diffusers_config, len(kwargs["block_out_channels"]))
     if kwargs["act_fn"] not in ACTIVATIONS:
         raise _unsupported("act_fn", kwargs["act_fn"], f"choose one of {sorted(ACTIVATIONS)}")
     groups = kwargs["norm_num_groups"]
@@ -116,18 +120,83 @@ def read_vae_folder(folder: str | pathlib.Path) -> tuple[dict, dict[str, np.ndar
     folder = pathlib.Path(folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json (expected an AutoencoderKL folder)")
-    vae_config = json.loads((folder / "config.json").read_text())
+    diffusers_config = json.loads((folder / "config.json").read_text())
     if (folder / WEIGHTS[0]).exists():
-        return vae_config, read_safetensors(folder / WEIGHTS[0])
+        return diffusers_config, read_safetensors(folder / WEIGHTS[0])
     if (folder / WEIGHTS[1]).exists():
-        return vae_config, load_torch_state_dict(str(folder / WEIGHTS[1]))
+        return diffusers_config, load_torch_state_dict(str(folder / WEIGHTS[1]))
     raise FileNotFoundError(f"{folder}: no {' or '.join(WEIGHTS)}")
 
 
 def load_diffusers_vae(
-    folder: str | pathlib.Path, *, dtype: Any = jnp.float32
+    folder: str | pathlib.Path, *, dtype: Any = jnp.float32, attention_impl: str | None = "plain"
 ) -> tuple[AutoencoderKL, dict, dict]:
     """(network computing in `dtype`, {'params': ...} in float32, config) of a vae/ folder."""
-    vae_config, state = read_vae_folder(folder)
-    model = AutoencoderKL(**autoencoder_kwargs(vae_config), dtype=dtype)
-    return model, state_dict_to_flax(state, model), vae_config
+    diffusers_config, state = read_vae_folder(folder)
+    kwargs = autoencoder_kwargs(diffusers_config)
+    model = AutoencoderKL(**kwargs, dtype=dtype, attention_impl=attention_impl)
+    return model, state_dict_to_flax(state, model), diffusers_config
+
+
+def _torch_name(path: tuple[str, ...]) -> str:
+    """('decoder', 'up_blocks_0', 'resnets_1', 'conv1', 'kernel') -> 'decoder.up_blocks.0.(...)'."""
+    *module, leaf = path
+    parts = []
+    for part in module:
+        head, _, index = part.rpartition("_")
+        parts.extend([head, index] if head and index.isdigit() else [part])
+    return ".".join([*parts, "bias" if leaf == "bias" else "weight"])
+
+
+def flax_to_state_dict(params: Any) -> dict[str, np.ndarray]:
+    """diffusers AutoencoderKL state dict (float32; convs OIHW, linears (O, I)) of Flax params."""
+    params = params.get("params", params) if isinstance(params, Mapping) else params
+    out = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(value, np.float32)
+        if path[-1] == "kernel":
+            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+        out[_torch_name(path)] = np.ascontiguousarray(value)
+    return out
+
+
+def config_of(model: AutoencoderKL, *, sample_size: int, force_upcast: bool = True) -> dict:
+    """The config.json diffusers' save_pretrained writes for an AutoencoderKL like `model`."""
+    levels = len(model.block_out_channels)
+    kwargs = {field: getattr(model, field) for field, _ in _FIELDS.values()}
+    kwargs["block_out_channels"] = [int(c) for c in model.block_out_channels]
+    out = dict(
+        kwargs,
+        _class_name="AutoencoderKL",
+        _diffusers_version=DIFFUSERS_VERSION,
+        down_block_types=[_BLOCK_TYPES["down_block_types"]] * levels,
+        up_block_types=[_BLOCK_TYPES["up_block_types"]] * levels,
+        shift_factor=float(model.shift_factor) if model.shift_factor else None,
+        sample_size=int(sample_size),
+        force_upcast=bool(force_upcast),
+        latents_mean=None,
+        latents_std=None,
+    )
+    autoencoder_kwargs(out)  # what we write, we read
+    return dict(sorted(out.items()))
+
+
+def export_diffusers_vae(
+    params: Any, model: AutoencoderKL, out_dir: str | pathlib.Path, *, sample_size: int
+) -> pathlib.Path:
+    """Write a vae/ folder (config.json + float32 safetensors) AutoencoderKL.from_pretrained loads.
+
+    The inverse of load_diffusers_vae; the params must fill `model` exactly. `out_dir` must be
+    absent or empty.
+    """
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    config = config_of(model, sample_size=sample_size)
+    state = flax_to_state_dict(params)
+    state_dict_to_flax(state, model)  # every parameter there, in its shape
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # As diffusers' to_json_string: indent 2, sorted keys, a final newline.
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_safetensors(out_dir / WEIGHTS[0], state, metadata={"format": "pt"})
+    return out_dir

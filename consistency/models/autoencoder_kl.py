@@ -119,13 +119,17 @@ class MidBlock(nn.Module):
     act_fn: str
     add_attention: bool = True
     dtype: Any = jnp.float32
+    attention_impl: str | None = "plain"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c, kw = x.shape[-1], dict(groups=self.groups, act_fn=self.act_fn, dtype=self.dtype)
         x = ResnetBlock(c, **kw, name="resnets_0")(x)
         if self.add_attention:
-            x = SpatialAttention(self.groups, dtype=self.dtype, name="attentions_0")(x)
+            attn = SpatialAttention(
+                self.groups, self.attention_impl, self.dtype, name="attentions_0"
+            )
+            x = attn(x)
         return ResnetBlock(c, **kw, name="resnets_1")(x)
 
 
@@ -182,6 +186,7 @@ class Encoder(nn.Module):
     act_fn: str = "silu"
     mid_block_add_attention: bool = True
     dtype: Any = jnp.float32
+    attention_impl: str | None = "plain"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -200,7 +205,11 @@ class Encoder(nn.Module):
             )
             x = block(x)
         x = MidBlock(
-            **kw, add_attention=self.mid_block_add_attention, dtype=self.dtype, name="mid_block"
+            **kw,
+            add_attention=self.mid_block_add_attention,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            name="mid_block",
         )(x)
         return _head(x, self.norm_num_groups, self.out_channels, self.dtype)
 
@@ -215,6 +224,7 @@ class Decoder(nn.Module):
     act_fn: str = "silu"
     mid_block_add_attention: bool = True
     dtype: Any = jnp.float32
+    attention_impl: str | None = "plain"
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -222,7 +232,11 @@ class Decoder(nn.Module):
         kw = dict(groups=self.norm_num_groups, act_fn=self.act_fn)
         x = _conv(chans[0], 3, "conv_in", self.dtype)(z)
         x = MidBlock(
-            **kw, add_attention=self.mid_block_add_attention, dtype=self.dtype, name="mid_block"
+            **kw,
+            add_attention=self.mid_block_add_attention,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            name="mid_block",
         )(x)
         for i, c in enumerate(chans):
             last = i == len(chans) - 1
@@ -242,7 +256,8 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """x -> q(z|x) = N(mean, exp(logvar)) -> z -> x_hat, NHWC, float32 params and outputs.
 
-    `dtype` is the compute dtype of convs and dense layers (GroupNorm and softmax run in float32).
+    `dtype` is the compute dtype of convs and dense layers (GroupNorm and softmax run in float32);
+    `attention_impl` picks the mid blocks' attention kernel (models.attention).
     latents = (z - shift_factor) * scaling_factor is what a latent diffusion model sees.
     """
 
@@ -259,6 +274,7 @@ class AutoencoderKL(nn.Module):
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
     dtype: Any = jnp.float32
+    attention_impl: str | None = "plain"
 
     def setup(self):
         arch = dict(
@@ -267,6 +283,7 @@ class AutoencoderKL(nn.Module):
             norm_num_groups=self.norm_num_groups,
             act_fn=self.act_fn,
             mid_block_add_attention=self.mid_block_add_attention,
+            attention_impl=self.attention_impl,
             dtype=self.dtype,
         )
         self.encoder = Encoder(2 * self.latent_channels, **arch)
