@@ -15,6 +15,7 @@ from consistency.models.adm_layers import (
     Upsample,
     timestep_embedding,
 )
+from consistency.models.guidance import GuidanceProjection
 
 # create_model's class count for class_cond=True (ImageNet).
 NUM_CLASSES = 1000
@@ -56,6 +57,9 @@ class ADMUNet(nn.Module):
     block level (input_blocks.3.1.qkv -> input_blocks_3_1/qkv), so `consistency.convert.cm_pt`
     maps checkpoints one-to-one. Params are float32; `dtype` is the compute dtype of the blocks
     (GroupNorm, the time/label embeddings and the output head stay float32).
+    guidance_embed_dim > 0 adds LCM's guidance-scale input w (diffusers' time_cond_proj_dim):
+    its features, projected by "guidance_proj", are added to the sinusoidal time features
+    before time_embed_0; 0 (the default) builds exactly cm's network.
     """
 
     model_channels: int
@@ -74,6 +78,7 @@ class ADMUNet(nn.Module):
     resblock_updown: bool = False
     dtype: Any = jnp.float32
     attention_impl: str | None = "plain"
+    guidance_embed_dim: int = 0
 
     def _heads(self, channels: int, upsample: bool) -> int:
         """Heads of an attention block: channels // num_head_channels when that is set."""
@@ -104,12 +109,21 @@ class ADMUNet(nn.Module):
             name=name,
         )
 
-    def _embed(self, noise_cond: jax.Array, y: jax.Array | None) -> jax.Array:
-        """emb = MLP(sinusoid(noise_cond)) [+ label_emb(y)], float32."""
+    def _embed(
+        self, noise_cond: jax.Array, y: jax.Array | None, guidance: jax.Array | None
+    ) -> jax.Array:
+        """emb = MLP(sinusoid(noise_cond) [+ proj(emb(w))]) [+ label_emb(y)], float32."""
         if (y is None) != (self.num_classes is None):
             raise ValueError("pass labels y exactly when the model is class-conditional")
+        if (guidance is None) != (not self.guidance_embed_dim):
+            raise ValueError("pass guidance w exactly when guidance_embed_dim > 0")
         ted = 4 * self.model_channels
         emb = timestep_embedding(noise_cond, self.model_channels)
+        if self.guidance_embed_dim:
+            proj = GuidanceProjection(
+                self.model_channels, self.guidance_embed_dim, name="guidance_proj"
+            )
+            emb = emb + proj(guidance)
         emb = nn.Dense(ted, name="time_embed_0")(emb)
         emb = nn.Dense(ted, name="time_embed_2")(nn.silu(emb))
         if self.num_classes is not None:
@@ -167,10 +181,15 @@ class ADMUNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, noise_cond: jax.Array, y: jax.Array | None = None, train: bool = False
+        self,
+        x: jax.Array,
+        noise_cond: jax.Array,
+        y: jax.Array | None = None,
+        train: bool = False,
+        guidance: jax.Array | None = None,
     ) -> jax.Array:
-        """F(x [B,H,W,C], noise_cond [B], y [B] int or None) -> [B,H,W,out_channels] float32."""
-        emb = self._embed(noise_cond, y)
+        """F(x [B,H,W,C], noise_cond [B], y [B] or None, w [B] or None) -> [B,H,W,out] float32."""
+        emb = self._embed(noise_cond, y, guidance)
         h, hs = self._down(x.astype(self.dtype), emb, train)
         ch, ds = h.shape[-1], 2 ** (len(self.channel_mult) - 1)
         h = self._res(ch, "middle_block_0", ds)(h, emb, train)
@@ -243,4 +262,5 @@ def adm_param_shapes(model: ADMUNet, in_channels: int = 3) -> Any:
     x = jax.ShapeDtypeStruct((1, size, size, in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     y = None if model.num_classes is None else jax.ShapeDtypeStruct((1,), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), x, t, y)
+    w = jax.ShapeDtypeStruct((1,), jnp.float32) if model.guidance_embed_dim else None
+    return jax.eval_shape(model.init, jax.random.key(0), x, t, y, guidance=w)

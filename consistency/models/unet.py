@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from consistency.models.attention import dot_product_attention
+from consistency.models.guidance import GuidanceProjection
 
 
 def sinusoidal_embedding(c: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -63,7 +64,12 @@ class SelfAttention(nn.Module):
 
 
 class UNet(nn.Module):
-    """UNet F(x, c_noise, y): sinusoidal noise embedding, optional class embedding added to it."""
+    """UNet F(x, c_noise, y, w): sinusoidal noise embedding, optional class embedding added to it.
+
+    guidance_embed_dim > 0 adds LCM's guidance-scale input: features of w projected onto the
+    sinusoidal noise features (`guidance.GuidanceProjection`, param "guidance_proj"); 0 builds
+    exactly the unguided network.
+    """
 
     out_channels: int
     channels: int = 32
@@ -74,12 +80,18 @@ class UNet(nn.Module):
     dropout: float = 0.0
     num_classes: int = 0
     attention_impl: str | None = "plain"
+    guidance_embed_dim: int = 0
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, noise_cond, y=None, train: bool = False):
+    def __call__(self, x, noise_cond, y=None, train: bool = False, guidance=None):
         emb_dim = 4 * self.channels
         emb = sinusoidal_embedding(noise_cond, self.channels)
+        if (guidance is None) != (not self.guidance_embed_dim):
+            raise ValueError("pass guidance w exactly when guidance_embed_dim > 0")
+        if self.guidance_embed_dim:
+            proj = GuidanceProjection(self.channels, self.guidance_embed_dim, name="guidance_proj")
+            emb = emb + proj(guidance)
         emb = nn.Dense(emb_dim)(nn.silu(nn.Dense(emb_dim)(emb)))
         if self.num_classes:
             if y is None:

@@ -1,0 +1,105 @@
+"""The guidance-scale input of the student networks (LCM): w acts only through its embedding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from consistency.models.adm import ADMUNet, adm_param_shapes
+from consistency.models.unet import UNet
+
+W_DIM = 16
+
+
+def _unet(guided):
+    return UNet(out_channels=1, channels=8, channel_mult=(1, 2), guidance_embed_dim=W_DIM * guided)
+
+
+def _adm(guided):
+    return ADMUNet(
+        model_channels=32,
+        out_channels=3,
+        num_res_blocks=1,
+        channel_mult=(1,),
+        num_classes=10,
+        use_scale_shift_norm=True,  # 32 groups of 1 channel would erase an additive embedding
+        guidance_embed_dim=W_DIM * guided,
+    )
+
+
+NETS = {"unet": (_unet, (2, 8, 8, 1), None), "adm": (_adm, (2, 4, 4, 3), jnp.array([3, 7]))}
+
+
+def _inputs(shape, y):
+    x = jax.random.normal(jax.random.key(1), shape)
+    return x, jnp.array([1.5, -20.0]), y
+
+
+def _flat(params):
+    return traverse_util.flatten_dict(params, sep="/")
+
+
+@pytest.fixture(scope="module", params=sorted(NETS))
+def built(request):
+    make, shape, y = NETS[request.param]
+    x, c, y = _inputs(shape, y)
+    plain = make(False).init(jax.random.key(0), x, c, y)["params"]
+    guided_net = make(True)
+    guided = guided_net.init(jax.random.key(0), x, c, y, guidance=jnp.zeros((2,)))["params"]
+    return make, guided_net, plain, guided, (x, c, y)
+
+
+def test_params_are_the_unguided_tree_plus_the_projection(built):
+    _, _, plain, guided, _ = built
+    flat_plain, flat_guided = _flat(plain), _flat(guided)
+    extra = sorted(set(flat_guided) - set(flat_plain))
+    assert extra == ["guidance_proj/Dense_0/kernel"], extra
+    assert flat_guided[extra[0]].shape[0] == W_DIM
+    # same names, shapes and initial values: a teacher's params load into the student as they are.
+    for k, v in flat_plain.items():
+        np.testing.assert_array_equal(flat_guided[k], v, err_msg=k)
+    np.testing.assert_array_equal(flat_guided[extra[0]], 0.0)  # zero-initialised projection
+
+
+def test_w_has_no_effect_without_the_projection(built):
+    make, guided_net, plain, guided, (x, c, y) = built
+    reference = make(False).apply({"params": plain}, x, c, y)
+    for w in (0.0, 1.0, 7.5):
+        out = guided_net.apply({"params": guided}, x, c, y, guidance=jnp.full((2,), w))
+        np.testing.assert_array_equal(out, reference)
+
+
+def test_w_changes_the_output_through_the_projection(built):
+    _, guided_net, _, guided, (x, c, y) = built
+    # the projection and the zero-initialised output convs get random weights.
+    flat = _flat(guided)
+    keys = dict(zip(flat, jax.random.split(jax.random.key(2), len(flat)), strict=True))
+    params = traverse_util.unflatten_dict(
+        {
+            k: 0.1 * jax.random.normal(keys[k], v.shape) if not np.any(v) else v
+            for k, v in flat.items()
+        },
+        sep="/",
+    )
+    run = lambda w: guided_net.apply({"params": params}, x, c, y, guidance=jnp.asarray(w))
+    a, b = run([1.0, 1.0]), run([4.0, 4.0])
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+    np.testing.assert_array_equal(run([1.0, 1.0]), a)
+    mixed = run([1.0, 4.0])  # per-example w
+    np.testing.assert_allclose(mixed[0], a[0], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], b[1], atol=1e-5)
+
+
+def test_guidance_given_exactly_when_the_network_is_guided(built):
+    make, guided_net, plain, guided, (x, c, y) = built
+    with pytest.raises(ValueError, match="guidance"):
+        guided_net.apply({"params": guided}, x, c, y)
+    with pytest.raises(ValueError, match="guidance"):
+        make(False).apply({"params": plain}, x, c, y, guidance=jnp.ones((2,)))
+
+
+def test_adm_param_shapes_include_the_projection():
+    shapes = adm_param_shapes(_adm(True))["params"]
+    assert shapes["guidance_proj"]["Dense_0"]["kernel"].shape == (W_DIM, 32)
+    assert "guidance_proj" not in adm_param_shapes(_adm(False))["params"]
