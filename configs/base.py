@@ -123,9 +123,10 @@ def _optim() -> ml_collections.ConfigDict:
 
 def _sampling() -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
-    s.steps = 40  # N of the grid that `ts` indexes
+    s.steps = 40  # N of the grid that `ts` and `timesteps` index (diffusers' num_train_timesteps)
     s.ts = ()  # () = one step; else grid indices ending at steps-1, e.g. (0, 22, 39)
-    s.sigmas = ()  # explicit noise levels (EDM sigma), e.g. (80.0, 0.821); wins over ts
+    s.timesteps = ()  # diffusers' timesteps, not ts: descending indices; (22, 0) = ts (0, 22, 39)
+    s.sigmas = ()  # explicit noise levels (EDM sigma), e.g. (80.0, 0.821); wins over ts, timesteps
     s.num_samples = 64  # images written by --mode=sample
     s.batch_size = 64  # images per sampling call (global)
     s.grid_size = 64  # images in each snapshot PNG grid (0 = no grids)
@@ -163,6 +164,7 @@ def _eval() -> ml_collections.ConfigDict:
     e.every_steps = 0  # > 0: FID of every setting while training, every this many steps (and last)
     e.checkpoint_steps = ()  # checkpoints to score: () = the latest, else each listed step
     e.settings = ("1",)  # samplers: '1' one step | 'i0,...,N-1' ts | 'sigma=80,0.8' | EDM: 'N'
+    # | 'search' or 'search=lo,hi': ternary search on FID of i in the two-step ts (0, i, N-1)
     e.features = "inception"  # inception (FID Inception-v3) | digits (the digits classifier)
     e.inception_path = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
     e.resize = "torch"  # Inception's 299 px resize: torch (pytorch-fid) | tf1 (ADM) | clean_legacy

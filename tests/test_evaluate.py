@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -141,3 +142,51 @@ def test_eval_resumes_from_its_shards(evaluated, monkeypatch):
     evaluate.run_eval(config, str(workdir))
     assert len(calls) == 1 and list(calls[0]) == list(range(32, 64))
     assert _metrics(workdir)["settings"] == first
+
+
+def test_ternary_search_finds_the_minimum_of_a_unimodal_function():
+    for best in (1, 2, 7, 19, 37, 38):
+        calls = []
+        fn = lambda i, best=best, calls=calls: calls.append(i) or (i - best) ** 2 + 3.0
+        found, values = evaluate.ternary_search(fn, 1, 38)
+        assert found == best and values[best] == 3.0
+        assert len(calls) == len(set(calls)) == len(values) <= 16  # memoised, ~2 log_1.5(38)
+    found, values = evaluate.ternary_search(lambda i: -i, 4, 5)  # a range of two: both
+    assert found == 5 and list(values) == [4, 5]
+
+
+def test_eval_searches_the_two_step_index_and_records_each_fid(evaluated):
+    """--mode=eval with eval.settings=('search=10,20',): the ternary search's indices, each
+    with its FID in the metrics json, the best one, and TensorBoard curves."""
+    workdir, config = evaluated
+    config = config.copy_and_resolve_references()
+    config.eval.settings = ("search=10,20",)
+    results = evaluate.run_eval(config, str(workdir))[2]
+    record = json.loads((workdir / "eval" / "metrics_step2.json").read_text())
+    found = record["search"]["search=10,20"]
+    fids = {int(i): v for i, v in found["fid"].items()}
+    # The same search, replayed on the recorded FIDs, asks for the same indices in order.
+    best, replay = evaluate.ternary_search(lambda i: fids[i], 10, 20)
+    assert found["evaluated"] == list(replay) and found["best_index"] == best
+    assert 4 <= len(fids) <= 9 and set(fids) <= set(range(10, 21))
+    assert found["best_setting"] == f"0,{best},39" and found["best_fid"] == min(fids.values())
+    for i, fid in fids.items():
+        assert record["settings"][f"0,{i},39"]["fid"] == fid == results[f"0,{i},39"]["fid"]
+    events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert any(b"step_2/fid_by_index" in p.read_bytes() for p in events)  # tags are cleaned
+
+
+def test_search_settings_are_validated():
+    config = test_config.get_config()
+    for setting, match in [
+        ("search=0,20", r"'search=0,20': give 'search' or 'search=lo,hi' with 1 <= lo < hi <= 38"),
+        ("search=20,10", "1 <= lo < hi"),
+        ("searching", "give 'search' or"),
+    ]:
+        config.eval.settings = ("1", setting)
+        (problem,) = spec.problems(config, mode="eval")
+        assert re.search(match, problem), problem
+    config.eval.update(settings=("search",), every_steps=2)
+    (problem,) = spec.problems(config, mode="train")
+    assert "runs in --mode=eval only" in problem and "eval.every_steps=0" in problem
+    assert spec.search_range(config, "search") == (1, 38)

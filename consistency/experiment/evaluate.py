@@ -126,11 +126,11 @@ def _save_npz(path: pathlib.Path, arrays: dict) -> None:
 
 
 def sample_features(
-    config, network, params, out_dir: pathlib.Path, extract, mesh, sampler=None
+    config, network, params, out_dir: pathlib.Path, extract, mesh, sampler=None, sample_fn=None
 ) -> dict:
     """Features (and labels) of sample ids [0, eval.num_samples), reusing finished chunks."""
     e = config.eval
-    sample_fn = sample.make_sample_fn(config, network, sampler)
+    sample_fn = sample_fn or sample.make_sample_fn(config, network, sampler)
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     # A shard is named by its id range: a partial last chunk of a smaller run is not reused.
@@ -286,10 +286,96 @@ def _load_params(config, workdir, network, step: int | None):
 
 
 def validate(config, mesh) -> dict:
-    """{setting: its SamplerSpec}, after one clear error per bad eval key."""
+    """{setting: its SamplerSpec, or (lo, hi) of a search}, after one clear error per bad key."""
     spec.validate(config, mode="eval", num_devices=mesh.devices.size)
     spec.check_paths(config, mode="eval")
-    return {s: spec.sampler(config, s) for s in config.eval.settings}
+    settings = config.eval.settings
+    return {s: spec.search_range(config, s) or spec.sampler(config, s) for s in settings}
+
+
+def ternary_search(fn, lo: int, hi: int) -> tuple[int, dict[int, float]]:
+    """argmin of fn over the integers [lo, hi], by ternary search (fn taken as unimodal): the
+    best evaluated index and {index: fn(index)} of every index evaluated, in evaluation order."""
+    seen = {}
+
+    def f(i):
+        if i not in seen:
+            seen[i] = float(fn(i))
+        return seen[i]
+
+    while hi - lo > 2:
+        third = (hi - lo) // 3
+        m1, m2 = lo + third, hi - third
+        if f(m1) <= f(m2):
+            hi = m2 - 1
+        else:
+            lo = m1 + 1
+    for i in range(lo, hi + 1):
+        f(i)
+    return min(seen, key=seen.get), seen
+
+
+class _Scorer:
+    """Scores one sampler setting of one checkpoint: shards, metrics, the printed line and
+    TensorBoard (process 0: metrics; other processes sample and get None)."""
+
+    def __init__(self, config, workdir, network, extract, ref, kind, mesh, writer):
+        self.config, self.workdir, self.network, self.extract = config, workdir, network, extract
+        self.ref, self.kind, self.mesh, self.writer = ref, kind, mesh, writer
+
+    def __call__(self, params, step, checkpoint, setting, sampler, sample_fn=None):
+        start = time.time()
+        out_dir = _setting_dir(
+            self.config, self.workdir, step, setting, sampler, self.kind, checkpoint
+        )
+        samples = sample_features(
+            self.config, self.network, params, out_dir, self.extract, self.mesh, sampler, sample_fn
+        )
+        if jax.process_index() != 0:
+            return None
+        result = score(samples, self.ref, kind=self.kind)
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in result.items())
+        print(f"step {step} setting {setting}: {shown}  ({time.time() - start:.1f} s)")
+        for name, value in result.items():
+            self.writer.add_scalar(f"eval/{setting}/{name}", value, step)
+        return result
+
+
+def search_two_step(config, scorer, *, network, params, step, checkpoint, setting, bounds) -> dict:
+    """Ternary search on FID of i in the two-step ts (0, i, N-1) over bounds = (lo, hi), as the
+    paper chose its two-step times: {'0,i,N-1': metrics} of every evaluated i, and under
+    `setting` the search (range, indices in order, FID per index, best index). One compilation
+    serves every i (traced sigmas); every process takes the same path (process 0's FID)."""
+    n = config.sampling.steps
+    fn = sample.consistency_sampler(config, network)
+    results = {}
+
+    def fid(i):
+        name = f"0,{i},{n - 1}"
+        sampler = spec.sampler(config, name)
+        sigmas = np.asarray(sampler.sigmas, np.float32)
+        sample_fn = functools.partial(fn, sigmas=sigmas)
+        scored = scorer(params, step, checkpoint, name, sampler, sample_fn)
+        if scored is not None:
+            results[name] = scored
+        if jax.process_count() == 1:
+            return scored["fid"]
+        value = np.asarray(0.0 if scored is None else scored["fid"], np.float32)
+        return float(multihost_utils.broadcast_one_to_all(value))
+
+    best, fids = ternary_search(fid, *bounds)
+    if jax.process_index() != 0:
+        return {}
+    for i, value in fids.items():  # FID against the index: one curve per checkpoint step
+        scorer.writer.add_scalar(f"eval/{setting}/step_{step}/fid_by_index", value, i)
+    scorer.writer.add_scalar(f"eval/{setting}/best_index", best, step)
+    scorer.writer.add_scalar(f"eval/{setting}/best_fid", fids[best], step)
+    print(f"step {step} {setting}: best two-step ts (0, {best}, {n - 1}), FID {fids[best]:.4g}")
+    summary = {
+        "range": list(bounds), "evaluated": list(fids), "fid": {str(i): v for i, v in fids.items()},
+        "best_index": best, "best_setting": f"0,{best},{n - 1}", "best_fid": fids[best],
+    }  # fmt: skip
+    return {**results, setting: summary}
 
 
 def run_eval(config, workdir) -> dict[int, dict]:
@@ -317,27 +403,29 @@ def run_eval(config, workdir) -> dict[int, dict]:
         from tensorboardX import SummaryWriter  # TensorBoard event files without TensorFlow
 
         writer = SummaryWriter(str(workdir / "tensorboard"))
+    scorer = _Scorer(config, workdir, network, extract, ref, kind, mesh, writer)
     results = {}
     for wanted in list(e.checkpoint_steps) or [None]:
         params, step, checkpoint = _load_params(config, workdir, network, wanted)
         params = jax.device_put(params, sharding.replicated(mesh))
-        results[step] = {}
+        results[step], searches = {}, {}
         for setting, sampler in samplers.items():
-            start = time.time()
-            out_dir = _setting_dir(config, workdir, step, setting, sampler, kind, checkpoint)
-            samples = sample_features(config, network, params, out_dir, extract, mesh, sampler)
-            if jax.process_index() != 0:
-                continue
-            results[step][setting] = score(samples, ref, kind=kind)
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in results[step][setting].items())
-            print(f"step {step} setting {setting}: {shown}  ({time.time() - start:.1f} s)")
-            for name, value in results[step][setting].items():
-                writer.add_scalar(f"eval/{setting}/{name}", value, step)
+            if isinstance(sampler, tuple):  # a search: its evaluated settings, then its summary
+                found = search_two_step(
+                    config, scorer, network=network, params=params, step=step,
+                    checkpoint=checkpoint, setting=setting, bounds=sampler,
+                )  # fmt: skip
+                searches[setting] = found.pop(setting, None)
+                results[step].update(found)
+            elif (result := scorer(params, step, checkpoint, setting, sampler)) is not None:
+                results[step][setting] = result
         if jax.process_index() == 0:
             record = {
                 "step": step, "num_samples": e.num_samples, "features": kind, "reference": ref_name,
                 "ema_index": e.ema_index, "seed": config.sampling.seed, "settings": results[step],
             }  # fmt: skip
+            if searches:
+                record["search"] = searches
             checkpoints.write_json(workdir / "eval" / f"metrics_step{step}.json", record)
     if writer is not None:
         writer.close()

@@ -1,5 +1,6 @@
 """Sampling from checkpoints: images per sample id, ADM-format npz files and PNG grids."""
 
+import functools
 import pathlib
 
 import jax
@@ -36,18 +37,37 @@ def make_sampler(fns: methods.ModelFns, sampler: SamplerSpec, grid: NoiseGrid, s
 
         return jax.jit(diffusion)
     sigmas = np.asarray(sampler.sigmas, np.float32)
+    samplers.validate_sigmas(sigmas, sigma_min=grid.sigma_min, sigma_max=grid.sigma_max)
+    fn = make_consistency_sampler(fns, grid, shape, clip_denoised=clip)
+    return functools.partial(fn, sigmas=sigmas)
 
-    def consistency(params, key, ids, labels):
+
+def make_consistency_sampler(fns: methods.ModelFns, grid: NoiseGrid, shape, *, clip_denoised):
+    """jitted fn(params, key, ids, labels, sigmas, latents=None, noise=None) -> images in [-1, 1]:
+    Algorithm 1 at the (traced) levels sigmas from x_T = sigma_max z.
+
+    z is latents [B, H, W, C], else per_sample_normal(key, id, 0); the re-noising draws are
+    noise [B, K-1, H, W, C] (per sample, as rows are fed), else streams 1..K-1 of each id.
+    One compilation serves every sigma list of the same length and batch shape.
+    """
+
+    def consistency(params, key, ids, labels, sigmas, latents=None, noise=None):
         f = lambda x, sig: fns.consistency(params, x, sig, labels, None)
-        return samplers.sample(
+        z = samplers.per_sample_normal(key, ids, shape, 0) if latents is None else latents
+        num = sigmas.shape[0]
+        if noise is not None:
+            noise = jnp.moveaxis(noise, 1, 0)
+        elif num > 1:
+            draws = [samplers.per_sample_normal(key, ids, shape, j + 1) for j in range(num - 1)]
+            noise = jnp.stack(draws)
+        return samplers.multistep_sample(
             f,
-            key,
-            ids,
-            shape,
+            grid.sigma_max * z,
             sigmas,
+            noise,
             sigma_min=grid.sigma_min,
             sigma_max=grid.sigma_max,
-            clip_denoised=clip,
+            clip_denoised=clip_denoised,
         )
 
     return jax.jit(consistency)
@@ -63,6 +83,18 @@ def make_sample_fn(config, network: networks.Network, sampler: SamplerSpec | Non
     )
 
 
+def consistency_sampler(config, network: networks.Network):
+    """make_consistency_sampler of the configured consistency model: fn(params, key, ids,
+    labels, sigmas, latents=None, noise=None), compiled once per batch shape and step count."""
+    d = config.data
+    return make_consistency_sampler(
+        networks.model_fns(network, config),
+        methods.noise_grid(config),
+        (d.image_size, d.image_size, d.num_channels),
+        clip_denoised=config.sampling.clip_denoised,
+    )
+
+
 def sample_labels(config, ids: np.ndarray) -> np.ndarray:
     """Class labels per sample id: the configured class, or uniform draws from fold_in(seed, id)."""
     d, s = config.data, config.sampling
@@ -72,8 +104,13 @@ def sample_labels(config, ids: np.ndarray) -> np.ndarray:
         if s.class_label >= d.num_classes:
             raise ValueError(f"sampling.class_label {s.class_label} >= data.num_classes")
         return np.full(len(ids), s.class_label, np.int32)
-    key = jax.random.fold_in(jax.random.key(s.seed), 1 << 20)
-    draw = lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0, d.num_classes)
+    return random_labels(jax.random.key(s.seed), ids, d.num_classes)
+
+
+def random_labels(key, ids: np.ndarray, num_classes: int) -> np.ndarray:
+    """Uniform class labels per sample id k, drawn from fold_in(fold_in(key, 2^20), k)."""
+    key = jax.random.fold_in(key, 1 << 20)
+    draw = lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0, num_classes)
     return np.asarray(jax.vmap(draw)(jnp.asarray(ids, jnp.uint32)), np.int32)
 
 
@@ -82,27 +119,41 @@ def gather(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _padded(name: str, rows: np.ndarray, batch: int) -> np.ndarray:
+    """rows filled up to `batch`: ids count on past the last one, other inputs repeat it."""
+    extra = batch - len(rows)
+    if name == "ids":
+        return np.concatenate([rows, rows[-1] + 1 + np.arange(extra)]).astype(np.int32)
+    return np.concatenate([rows, np.repeat(rows[-1:], extra, axis=0)])
+
+
+def sample_rows(sample_fn, params, key, rows: dict, mesh, batch: int, convert=np.asarray):
+    """convert(images) of every row: rows['ids'], rows['labels'] and any other per-sample input
+    of sample_fn(params, key, **inputs), `batch` per call spread over the mesh (every device and
+    host; each process feeds its rows). Image k depends only on (key, k) and its own inputs:
+    any split of the rows, any batch and any mesh give the same images."""
+    index, count = sharding.process_rows(mesh, batch)
+    local = slice(index * batch // count, (index + 1) * batch // count)
+    out = []
+    for start in range(0, len(rows["ids"]), batch):
+        part = {k: np.asarray(v[start : start + batch]) for k, v in rows.items()}
+        inputs = {k: _padded(k, v, batch)[local] for k, v in part.items()}
+        g = sharding.global_array(inputs, sharding.batch_sharding(mesh))
+        out.append(convert(gather(sample_fn(params, key, **g)))[: len(part["ids"])])
+    return np.concatenate(out)
+
+
 def sample_ids(config, sample_fn, params, ids: np.ndarray, mesh, batch: int):
     """(uint8 samples, labels) of the given sample ids, `batch` per call spread over the mesh
-    (every device and host; each process feeds its rows). Image k depends only on
-    (sampling.seed, k): any split of the ids, any batch and any mesh give the same images."""
-    index, count = sharding.process_rows(mesh, batch)
-    rows = slice(index * batch // count, (index + 1) * batch // count)
+    (sample_rows). Image k depends only on (sampling.seed, k): any split of the ids, any batch
+    and any mesh give the same images."""
+    labels = sample_labels(config, ids)
     key = jax.random.key(config.sampling.seed)
-    images, labels = [], []
-    for start in range(0, len(ids), batch):
-        part = ids[start : start + batch]
-        padded = np.concatenate([part, part[-1] + 1 + np.arange(batch - len(part))])
-        y = sample_labels(config, padded)
-        local = {"ids": padded[rows].astype(np.int32), "labels": y[rows]}
-        g = sharding.global_array(local, sharding.batch_sharding(mesh))
-        x = sample_fn(params, key, g["ids"], g["labels"])
-        images.append(image_io.to_uint8(gather(x))[: len(part)])
-        labels.append(y[: len(part)])
-    return np.concatenate(images), np.concatenate(labels)
+    rows = {"ids": np.asarray(ids, np.int32), "labels": labels}
+    return sample_rows(sample_fn, params, key, rows, mesh, batch, image_io.to_uint8), labels
 
 
-def _sampling_mesh(batch: int):
+def sampling_mesh(batch: int):
     """Every device when they divide the batch; on one host, else the most that do."""
     devices = jax.devices()
     if batch % len(devices) and jax.process_count() > 1:
@@ -117,7 +168,7 @@ def generate(config, network, params, num: int, sample_fn=None, mesh=None):
     """num images (uint8 NHWC) and their labels over every device (sampling.batch_size per
     call); sample k depends only on (seed, k)."""
     sample_fn = sample_fn or make_sample_fn(config, network)
-    mesh = _sampling_mesh(config.sampling.batch_size) if mesh is None else mesh
+    mesh = sampling_mesh(config.sampling.batch_size) if mesh is None else mesh
     params = jax.device_put(params, sharding.replicated(mesh))
     ids = np.arange(num)
     return sample_ids(config, sample_fn, params, ids, mesh, config.sampling.batch_size)

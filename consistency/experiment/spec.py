@@ -209,14 +209,20 @@ def _edit_problems(config) -> list[str]:
     return out
 
 
-def _eval_problems(config, num_devices: int | None) -> list[str]:
+def _eval_problems(config, num_devices: int | None, mode: str) -> list[str]:
     e = config.eval
     out = _rule_problems(config, _EVAL_RULES)
     if not e.settings:
         out.append("eval.settings is empty: give e.g. ('1',) or ('1', '0,22,39')")
     for setting in e.settings:
         try:
-            sampler(config, setting)
+            if search_range(config, setting) is None:
+                sampler(config, setting)
+            elif mode == "train":
+                out.append(
+                    f"eval.settings: {setting!r} runs in --mode=eval only; FID while training "
+                    "(eval.every_steps) takes fixed settings: remove it or set eval.every_steps=0"
+                )
         except ValueError as err:
             out.append(str(err))
     if num_devices is not None and "eval.batch_size" not in " ".join(out):
@@ -248,7 +254,7 @@ def problems(config, *, mode: str = "train", num_devices: int | None = None) -> 
     if mode == "edit":
         out += _edit_problems(config)
     if mode == "eval" or (mode == "train" and config.eval.every_steps):
-        out += _eval_problems(config, num_devices)
+        out += _eval_problems(config, num_devices, mode)
     return out
 
 
@@ -290,8 +296,8 @@ def sampler(config, setting: str | None = None) -> SamplerSpec:
     Consistency models: "1" is one step from sigma_max, "i0,i1,...,N-1" indices ts on the
     sampling.steps grid (Algorithm 1), "sigma=80,0.821" explicit noise levels. EDM teachers:
     "N" is Heun on an N-point grid; PD students: "N" Euler steps. Without a setting:
-    sampling.sigmas, else sampling.ts, else one step (teachers: sampling.teacher_steps; PD: its
-    last stage's N).
+    sampling.sigmas, else sampling.timesteps (diffusers' order), else sampling.ts, else one
+    step (teachers: sampling.teacher_steps; PD: its last stage's N).
     """
     s = config.sampling
     kind = methods.row(config.training.loss).samples_as
@@ -308,8 +314,10 @@ def sampler(config, setting: str | None = None) -> SamplerSpec:
                 f"not {setting!r}"
             )
         return SamplerSpec(kind=name, sigmas=(), steps=int(setting), clip_denoised=clip)
+    timesteps = ()
     if setting is None:
-        sigmas, ts, steps = tuple(s.sigmas), tuple(s.ts), s.steps
+        sigmas, ts = tuple(s.sigmas), tuple(s.ts)
+        timesteps = () if sigmas else _timesteps(config)
     else:
         explicit = setting.startswith("sigma=")
         parse = float if explicit else int
@@ -319,30 +327,81 @@ def sampler(config, setting: str | None = None) -> SamplerSpec:
             values = []
         if not values or (not explicit and values != [1] and len(values) < 2):
             raise ValueError(
-                f"eval.settings: give '1', 'i0,...,N-1' or 'sigma=s0,...', not {setting!r}"
+                f"eval.settings: give '1', 'i0,...,N-1', 'sigma=s0,...' or 'search[=lo,hi]', "
+                f"not {setting!r}"
             )
         sigmas = tuple(values) if explicit else ()
-        ts, steps = (() if explicit or values == [1] else tuple(values)), s.steps
+        ts = () if explicit or values == [1] else tuple(values)
     return SamplerSpec(
         kind="consistency",
-        sigmas=_sigmas(config, sigmas, ts, steps, "sampling"),
+        sigmas=_sigmas(config, sigmas, ts, s.steps, "sampling", timesteps=timesteps),
         clip_denoised=clip,
     )
 
 
-def _sigmas(config, sigmas, ts, steps, section: str) -> tuple[float, ...]:
-    """Evaluation sigmas: explicit ones, indices ts of a steps-point grid, or one step."""
+def _timesteps(config) -> tuple[int, ...]:
+    """sampling.timesteps, checked to be integers and not to compete with sampling.ts."""
+    s = config.sampling
+    values = tuple(s.timesteps)
+    if any(not isinstance(t, int) or isinstance(t, bool) for t in values):
+        raise ValueError(
+            f"sampling.timesteps={values}: give integer indices of the sampling.steps grid, "
+            "e.g. (22, 0)"
+        )
+    if values and s.ts:
+        raise ValueError(
+            f"sampling.timesteps={values} and sampling.ts={tuple(s.ts)} are both set: give one "
+            f"(timesteps (22, 0) are ts (0, 22, {s.steps - 1})), e.g. --config.sampling.ts='()'"
+        )
+    return values
+
+
+SEARCH = "search"  # eval setting: ternary search of the two-step sampler's intermediate index
+
+
+def search_range(config, setting: str) -> tuple[int, int] | None:
+    """(lo, hi) of an eval setting 'search' ([1, N-2] of the sampling.steps grid) or
+    'search=lo,hi': the intermediate index i of the two-step ts (0, i, N-1) that a ternary
+    search on FID picks; None for every other setting."""
+    if not setting.startswith(SEARCH):
+        return None
+    n = config.sampling.steps
+    bounds = setting.removeprefix(SEARCH).removeprefix("=")
+    try:
+        lo, hi = (int(v) for v in bounds.split(",")) if bounds else (1, n - 2)
+    except ValueError:
+        lo, hi = 0, -1
+    if setting not in (SEARCH, f"{SEARCH}={bounds}") or not 1 <= lo < hi <= n - 2:
+        raise ValueError(
+            f"eval.settings: {setting!r}: give 'search' or 'search=lo,hi' with "
+            f"1 <= lo < hi <= {n - 2} (intermediate indices of the sampling.steps={n} grid)"
+        )
+    if methods.row(config.training.loss).samples_as != "consistency":
+        raise ValueError(
+            f"eval.settings: {setting!r} searches a consistency model's two-step sampler; "
+            f"training.loss={config.training.loss!r} is sampled with 'N' settings"
+        )
+    return lo, hi
+
+
+def _sigmas(config, sigmas, ts, steps, section: str, timesteps=()) -> tuple[float, ...]:
+    """Evaluation sigmas: explicit ones, diffusers' timesteps or indices ts of a steps-point
+    grid, or one step."""
     grid = methods.noise_grid(config)
     try:
         if sigmas:
             out = np.asarray(sigmas, np.float32)
             samplers.validate_sigmas(out, sigma_min=grid.sigma_min, sigma_max=grid.sigma_max)
+        elif timesteps:
+            out = samplers.diffusers_sigmas(steps, timesteps=timesteps, **grid.kwargs())
         elif ts:
             out = samplers.index_sigmas(ts, steps, **grid.kwargs())
         else:
             out = np.asarray([grid.sigma_max], np.float32)
     except ValueError as e:
-        raise ValueError(f"{section}.{'sigmas' if sigmas else 'ts'}: {e}") from None
+        key = "sigmas" if sigmas else "timesteps" if timesteps else "ts"
+        fix = f" (diffusers' order on the {steps}-point grid, e.g. (22, 0))" if timesteps else ""
+        raise ValueError(f"{section}.{key}: {e}{fix}") from None
     return tuple(float(v) for v in out)
 
 
