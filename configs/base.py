@@ -31,6 +31,7 @@ def _model() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, EMA, optimiser stay float32)
     m.attention_impl = "plain"  # plain (jvp-safe einsum) | xla | cudnn | none=auto (fused)
     m.remat = "none"  # backward pass recomputes the network: none | dots (keeps conv/matmul) | full
+    m.null_label = False  # class-conditional: one more label row, data.num_classes = no label (CFG)
     m.unet = ml_collections.ConfigDict()
     m.unet.channels = 32  # base width
     m.unet.channel_mult = (1, 2)  # width multiplier per resolution level
@@ -105,6 +106,7 @@ def _training() -> ml_collections.ConfigDict:
     t.init_from_teacher = False  # start the student from the teacher (CD as the references)
     t.edm_p_mean = -1.2  # EDM: ln sigma ~ N(p_mean, p_std^2)
     t.edm_p_std = 1.2  # EDM: see edm_p_mean
+    t.label_dropout = 0.0  # EDM: label -> the null class with this probability (needs null_label)
     return t
 
 

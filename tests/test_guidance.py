@@ -1,4 +1,4 @@
-"""The guidance-scale input of the student networks (LCM): w acts only through its embedding."""
+"""Classifier-free guidance: label dropout, guided combinations, the networks' w input (LCM)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from consistency.core import guidance as G
 from consistency.models.adm import ADMUNet, adm_param_shapes
 from consistency.models.unet import UNet
 
@@ -103,3 +104,22 @@ def test_adm_param_shapes_include_the_projection():
     shapes = adm_param_shapes(_adm(True))["params"]
     assert shapes["guidance_proj"]["Dense_0"]["kernel"].shape == (W_DIM, 32)
     assert "guidance_proj" not in adm_param_shapes(_adm(False))["params"]
+
+
+def test_guidance_conventions_agree():
+    cond, uncond = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, 2))
+    np.testing.assert_array_equal(G.guided_lcm(cond, uncond, w=0.0), cond)
+    w = jnp.asarray([0.0, 1.5, 7.0])
+    np.testing.assert_allclose(
+        G.guided_lcm(cond, uncond, w=w), G.guided_standard(cond, uncond, scale=1 + w), atol=2e-6
+    )
+
+
+def test_label_dropout_rate_on_a_batch():
+    y = jnp.arange(20_000, dtype=jnp.int32) % 10
+    for rate in (0.0, 0.1, 0.5, 1.0):
+        dropped = G.drop_labels(y, jax.random.key(3), rate=rate, null_class=10)
+        is_null = np.asarray(dropped == 10)
+        # binomial standard error sqrt(p (1-p)/n) <= 0.0036: 5 of them.
+        assert abs(is_null.mean() - rate) < 0.018, (rate, is_null.mean())
+        np.testing.assert_array_equal(np.asarray(dropped)[~is_null], np.asarray(y)[~is_null])

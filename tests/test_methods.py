@@ -94,6 +94,35 @@ def test_every_row_returns_per_example_losses(name):
     assert np.all(np.isfinite(per))
 
 
+def test_edm_label_dropout_rate_on_a_batch():
+    """training.label_dropout: the share of examples the denoiser sees with the null class."""
+    config = _config("edm")
+    config.data.update(class_conditional=True, num_classes=10)
+    config.training.label_dropout = 0.25
+    assert any("model.null_label" in p for p in methods.problems(config))
+    config.model.null_label = True
+    method = methods.from_config(config)
+    assert (method.label_dropout, method.null_class) == (0.25, 10)
+    assert networks.build_network(config).module.num_classes == 11  # the null row
+
+    def model(params, x, sigma, y, key):  # D = 1 exactly where the label is the null class
+        return jnp.broadcast_to((y == 10).astype(jnp.float32)[:, None, None, None], x.shape)
+
+    fns = methods.ModelFns(consistency=model, denoiser=model, raw=model)
+    n = 4096
+    batch = {"image": jnp.zeros((n, 2, 2, 1)), "label": jnp.arange(n, dtype=jnp.int32) % 10}
+    per_example = update.per_example_loss(functools.partial(method.loss, fns, None))
+    index = jnp.arange(n, dtype=jnp.uint32)
+    per, _ = per_example(1.0, None, None, batch, jax.random.key(5), jnp.int32(0), index)
+    rate = float(np.mean(np.asarray(per) > 0))
+    assert abs(rate - 0.25) < 5 * np.sqrt(0.25 * 0.75 / n), rate
+    without = methods.from_config(_config("edm"))
+    per, _ = update.per_example_loss(functools.partial(without.loss, fns, None))(
+        1.0, None, None, batch, jax.random.key(5), jnp.int32(0), index
+    )
+    assert not np.any(np.asarray(per) > 0)
+
+
 def test_cd_and_ct_rows_call_their_core_losses_with_the_configured_fields():
     config = _config("cd")
     config.training.update(weighting="snr", solver="euler", distance="l1")

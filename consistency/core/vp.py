@@ -1,4 +1,4 @@
-"""Discrete VP (DDPM) teachers: betas, x0/eps conversions, DDIM, DPM-Solver(++), LCM's sampler."""
+"""Discrete VP (DDPM) teachers: betas, x0/eps conversions, DDIM, LCM's skip grid and sampler."""
 
 import math
 from collections.abc import Callable, Sequence
@@ -125,20 +125,6 @@ def alpha_bar_at(
     t = jnp.asarray(t)
     abar = jnp.asarray(alphas_cumprod, jnp.float32)[jnp.maximum(t, 0)]
     return jnp.where(t >= 0, abar, jnp.float32(final_alpha_cumprod))
-
-
-def guided_lcm(cond: jax.Array, uncond: jax.Array, *, w: jax.Array) -> jax.Array:
-    """LCM's guidance: cond + w (cond - uncond) = uncond + (1 + w)(cond - uncond).
-
-    Applied to both x0 and eps before the teacher step (train_lcm_distill_sd_wds.py); w is [B]
-    or a scalar, and w = 0 is the conditional teacher.
-    """
-    return cond + broadcast_to(jnp.asarray(w, jnp.float32), cond) * (cond - uncond)
-
-
-def guided_standard(cond: jax.Array, uncond: jax.Array, *, scale: jax.Array) -> jax.Array:
-    """Imagen / Stable Diffusion guidance: uncond + scale (cond - uncond); scale = 1 + LCM's w."""
-    return uncond + broadcast_to(jnp.asarray(scale, jnp.float32), cond) * (cond - uncond)
 
 
 # --- LCM's skip-step teacher grid (DDIMSolver) and its consistency function -----------------

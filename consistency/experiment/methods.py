@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from consistency.core import distances, losses, ode, parameterization, schedules
+from consistency.core import distances, guidance, losses, ode, parameterization, schedules
 from consistency.core.schedules import Curriculum, NoiseGrid
 
 INDEX_SAMPLINGS = ("uniform", "lognormal")
@@ -111,9 +111,14 @@ class EDM(Method):
     sigma_data: float = 0.5
     p_mean: float = -1.2
     p_std: float = 1.2
+    label_dropout: float = 0.0  # labels -> null_class with this probability (CFG teachers)
+    null_class: int = -1
 
     def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
         y = batch["label"]
+        if self.label_dropout > 0:  # a key of its own: runs without dropout draw as before
+            k_drop = jax.random.fold_in(key, 0x1AB)
+            y = guidance.drop_labels(y, k_drop, rate=self.label_dropout, null_class=self.null_class)
         return losses.edm_loss(
             lambda p, x, s, k: fns.denoiser(p, x, s, y, k),
             params,
@@ -126,8 +131,21 @@ class EDM(Method):
 
     @classmethod
     def from_config(cls, config):
-        t = config.training
-        return cls(sigma_data=config.model.sigma_data, p_mean=t.edm_p_mean, p_std=t.edm_p_std)
+        t, d, m = config.training, config.data, config.model
+        if not 0 <= t.label_dropout < 1:
+            raise ValueError(f"training.label_dropout={t.label_dropout}: must be in [0, 1)")
+        if t.label_dropout > 0 and not (d.class_conditional and m.null_label):
+            raise ValueError(
+                "training.label_dropout > 0 needs data.class_conditional and model.null_label "
+                "(the null class data.num_classes)"
+            )
+        return cls(
+            sigma_data=m.sigma_data,
+            p_mean=t.edm_p_mean,
+            p_std=t.edm_p_std,
+            label_dropout=t.label_dropout,
+            null_class=d.num_classes,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

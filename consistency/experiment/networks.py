@@ -101,7 +101,8 @@ def _network(config: ml_collections.ConfigDict) -> Network:
     m, d = config.model, config.data
     dtype = DTYPES[_choice(m.dtype, tuple(DTYPES), "model.dtype")]
     impl = None if m.attention_impl == "none" else m.attention_impl
-    num_classes = d.num_classes if d.class_conditional else 0
+    # model.null_label: one more embedding row, the null class d.num_classes (CFG).
+    num_classes = d.num_classes + bool(m.null_label) if d.class_conditional else 0
     name = _choice(m.name, MODELS, "model.name")
     common = dict(dropout=m.dropout, dtype=dtype, attention_impl=impl)
     if name == "unet":
