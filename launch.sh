@@ -6,6 +6,8 @@
 # the sampler and evaluation settings) without training or reading any file.
 set -euo pipefail
 DATA=${DATA:-$HOME/tensorflow_datasets}  # tfds data_dir (CIFAR-10, LSUN Bedroom)
+CIFAR10=${CIFAR10:-}  # prepare --dataset=cifar10 output; empty: tfds cifar10 prepared in DATA
+BEDROOM=${BEDROOM:-}  # prepare --dataset=lsun_bedroom output; empty: tfds lsun/bedroom in DATA
 IMAGENET64=${IMAGENET64:-$DATA/imagenet64_adm}  # python -m consistency.io.prepare --dataset=imagenet64
 CAT=${CAT:-$DATA/lsun_cat256}  # python -m consistency.io.prepare --dataset=lsun_cat
 RUNS=${RUNS:-runs}  # output root
@@ -21,6 +23,11 @@ run() {
   else python main.py "$@"; fi
 }
 LPIPS="--config.training.lpips_vgg=$LPIPS_VGG --config.training.lpips_lin=$LPIPS_LIN"
+C10="--config.data.data_dir=$DATA --config.data.folder=$CIFAR10"
+BED="--config.data.data_dir=$DATA --config.data.folder=$BEDROOM"
+data_for() {  # the data flags of a line by its dataset
+  case "$1" in *cifar10*) echo "$C10" ;; *imagenet64*) echo "--config.data.folder=$IMAGENET64" ;; esac
+}
 
 case "${1:-help}" in
 # --- Offline, on the bundled 8x8 digits (2 CPU cores, minutes) ---
@@ -30,11 +37,11 @@ digits)
     --config.training.teacher_checkpoint=$RUNS/edm_digits/checkpoints
   run --config=configs/ct_digits.py --workdir=$RUNS/ct_digits ;;
 # --- CIFAR-10 (paper Table: CD/CT on CIFAR-10; jcm launch.sh) ---
-edm_cifar10) run --config=configs/edm_cifar10.py --workdir=$RUNS/edm_cifar10 --config.data.data_dir=$DATA ;;
+edm_cifar10) run --config=configs/edm_cifar10.py --workdir=$RUNS/edm_cifar10 $C10 ;;
 cd_cifar10_l1|cd_cifar10_l2|cd_cifar10_lpips)
-  run --config=configs/cd_cifar10.py:${1##*_} --workdir=$RUNS/$1 --config.data.data_dir=$DATA \
+  run --config=configs/cd_cifar10.py:${1##*_} --workdir=$RUNS/$1 $C10 \
     --config.training.teacher_checkpoint=$RUNS/edm_cifar10/checkpoints $LPIPS ;;
-ct_cifar10) run --config=configs/ct_cifar10.py --workdir=$RUNS/ct_cifar10 --config.data.data_dir=$DATA $LPIPS ;;
+ct_cifar10) run --config=configs/ct_cifar10.py --workdir=$RUNS/ct_cifar10 $C10 $LPIPS ;;
 # --- ImageNet 64 (cm launch.sh); teacher: edm_imagenet64_ema.pt converted ---
 cd_imagenet64_l2|cd_imagenet64_lpips)
   run --config=configs/cd_imagenet64.py:${1##*_} --workdir=$RUNS/$1 --config.data.folder=$IMAGENET64 \
@@ -42,9 +49,9 @@ cd_imagenet64_l2|cd_imagenet64_lpips)
 ct_imagenet64) run --config=configs/ct_imagenet64.py --workdir=$RUNS/ct_imagenet64 --config.data.folder=$IMAGENET64 $LPIPS ;;
 # --- LSUN Bedroom 256; teacher: edm_bedroom256_ema.pt converted ---
 cd_lsun_bedroom256_l2|cd_lsun_bedroom256_lpips)
-  run --config=configs/cd_lsun_bedroom256.py:${1##*_} --workdir=$RUNS/$1 --config.data.data_dir=$DATA \
+  run --config=configs/cd_lsun_bedroom256.py:${1##*_} --workdir=$RUNS/$1 $BED \
     --config.training.teacher_checkpoint=$RUNS/edm_bedroom256/checkpoints $LPIPS ;;
-ct_lsun_bedroom256) run --config=configs/ct_lsun_bedroom256.py --workdir=$RUNS/ct_lsun_bedroom256 --config.data.data_dir=$DATA $LPIPS ;;
+ct_lsun_bedroom256) run --config=configs/ct_lsun_bedroom256.py --workdir=$RUNS/ct_lsun_bedroom256 $BED $LPIPS ;;
 # --- LSUN Cat 256 (an image folder); teacher: edm_cat256_ema.pt converted ---
 cd_lsun_cat256_l2|cd_lsun_cat256_lpips)
   run --config=configs/cd_lsun_cat256.py:${1##*_} --workdir=$RUNS/$1 --config.data.folder=$CAT \
@@ -65,20 +72,19 @@ successors_digits)
   for v in sct scd; do
     run --config=configs/scm_digits.py:$v --workdir=$RUNS/${v}_digits --config.training.teacher_checkpoint=$T
   done ;;
-ict_cifar10) run --config=configs/$1.py --workdir=$RUNS/$1 --config.data.data_dir=$DATA ;;
+ict_cifar10) run --config=configs/$1.py --workdir=$RUNS/$1 $C10 ;;
 ict_imagenet64) run --config=configs/$1.py --workdir=$RUNS/$1 --config.data.folder=$IMAGENET64 ;;
 ect_cifar10|ect_imagenet64)
-  run --config=configs/$1.py --workdir=$RUNS/$1 --config.data.data_dir=$DATA --config.data.folder=$IMAGENET64 \
+  run --config=configs/$1.py --workdir=$RUNS/$1 $(data_for "$1") \
     --config.training.teacher_checkpoint=$RUNS/edm_${1#ect_}/checkpoints ;;
-scm_cifar10_teacher) run --config=configs/scm_cifar10.py:teacher --workdir=$RUNS/$1 --config.data.data_dir=$DATA ;;
+scm_cifar10_teacher) run --config=configs/scm_cifar10.py:teacher --workdir=$RUNS/$1 $C10 ;;
 scm_cifar10_sct|scm_cifar10_scd|scm_imagenet64_sct|scm_imagenet64_scd)
   # ImageNet: the teacher is a TrigFlow EDM run of the same ADM (model.parameterization=trigflow).
-  run --config=configs/${1%_*}.py:${1##*_} --workdir=$RUNS/$1 --config.data.data_dir=$DATA \
-    --config.data.folder=$IMAGENET64 \
+  run --config=configs/${1%_*}.py:${1##*_} --workdir=$RUNS/$1 $(data_for "$1") \
     --config.training.teacher_checkpoint=$RUNS/${1%_*}_teacher/checkpoints ;;
 continuous_cifar10_cd-l2|continuous_cifar10_cd-l2-stopgrad|continuous_cifar10_ct-l2)
   run --config=configs/continuous_cifar10.py:${1#continuous_cifar10_} --workdir=$RUNS/$1 \
-    --config.data.data_dir=$DATA --config.training.teacher_checkpoint=$RUNS/edm_cifar10/checkpoints ;;
+    $C10 --config.training.teacher_checkpoint=$RUNS/edm_cifar10/checkpoints ;;
 # --- Sampling and evaluating any of the above (the config's settings; FID with pytorch-fid's net) ---
 sample) shift; run --mode=sample "$@" ;;
 eval) shift; run --mode=eval --config.eval.inception_path=$INCEPTION "$@" ;;

@@ -6,6 +6,7 @@ import pickle
 import tarfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from consistency.io import data, imagenet, prepare
@@ -90,7 +91,8 @@ def test_cifar10_from_the_python_tarball_keeps_pixels_and_labels(tmp_path):
     names, batches = _cifar_tarball(tmp_path / "cifar-10-python.tar.gz")
     record = prepare.prepare("cifar10", tmp_path / "cifar-10-python.tar.gz", tmp_path / "c10")
     assert record["images"] == 10 and record["written"] == 10
-    source = data.make_source("image_folder", folder=str(tmp_path / "c10"))
+    source = data.make_source("cifar10", folder=str(tmp_path / "c10"))  # as configs name it
+    assert isinstance(source, data.ImageFolderSource)
     got = {}
     for k in range(len(source)):
         got[source._files[k].stem] = source[k]
@@ -180,3 +182,9 @@ def test_training_crop_is_adm_crop_and_keeps_grey_images_grey():
     )
     already = grey[:16, :16]
     assert data.center_crop(already, 16) is already
+
+
+def test_unprepared_tfds_dataset_names_the_command_and_never_downloads(tmp_path):
+    with pytest.raises(FileNotFoundError, match="consistency.io.prepare --dataset=cifar10"):
+        data.make_source("cifar10", data_dir=str(tmp_path))
+    assert not any(tmp_path.rglob("*.tar.gz"))  # nothing was fetched into the data_dir

@@ -21,6 +21,9 @@ TFDS_NAMES = {
     "imagenet64_chrabaszcz": "imagenet_resized/64x64",
     "lsun_bedroom": "lsun/bedroom",
 }
+# Datasets that python -m consistency.io.prepare writes as an image folder (data.folder), with
+# the source it reads.
+PREPARE_SOURCES = {"cifar10": "cifar-10-python.tar.gz", "lsun_bedroom": "LMDB_OR_FOLDER"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes read as one channel
 
@@ -162,6 +165,27 @@ def _warn_once(message: str) -> None:
         print(message, flush=True)
 
 
+def _tfds_source(name: str, *, split: str, data_dir: str | None):
+    """tfds' ArrayRecord source of an already prepared dataset: never a download (it hangs
+    offline); a missing dataset is an error naming the preparation command."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(TFDS_NAMES[name], split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises assorted types for 'not prepared' / wrong file format
+        how = (
+            f"python -m consistency.io.prepare --dataset={name} --source={PREPARE_SOURCES[name]} "
+            f"--out=DIR, then --config.data.folder=DIR"
+            if name in PREPARE_SOURCES
+            else f"prepare tfds '{TFDS_NAMES[name]}' as array_record in data.data_dir"
+        )
+        raise FileNotFoundError(
+            f"data.name={name!r}: tfds '{TFDS_NAMES[name]}' is not prepared in data.data_dir="
+            f"{data_dir or '~/tensorflow_datasets'!s} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120]}); {how}"
+        ) from None
+
+
 def make_source(name: str, *, split: str = "train", data_dir: str | None = None, folder=None):
     """A random-access source of {'image': uint8 HWC, 'label': int} records."""
     if name == "digits":
@@ -172,10 +196,10 @@ def make_source(name: str, *, split: str = "train", data_dir: str | None = None,
         return ImageFolderSource(folder)
     if name == "imagenet64":  # ImageNet as ADM prepared it (python -m consistency.io.prepare)
         return imagenet.PreparedImageNet(folder or "")
+    if name in PREPARE_SOURCES and folder:  # as python -m consistency.io.prepare wrote it
+        return ImageFolderSource(folder)
     if name in TFDS_NAMES:
-        import tensorflow_datasets as tfds
-
-        source = tfds.data_source(TFDS_NAMES[name], split=split, data_dir=data_dir)
+        source = _tfds_source(name, split=split, data_dir=data_dir)
         if name == "imagenet64_chrabaszcz":
             _warn_once(
                 "WARNING: data.name='imagenet64_chrabaszcz' is the box-resized ImageNet of "
