@@ -128,7 +128,7 @@ def _sampling() -> ml_collections.ConfigDict:
     s.steps = 40  # N of the grid that `ts` and `timesteps` index (diffusers' num_train_timesteps)
     s.ts = ()  # () = one step; else grid indices ending at steps-1, e.g. (0, 22, 39)
     s.timesteps = ()  # diffusers' timesteps, not ts: descending indices; (22, 0) = ts (0, 22, 39)
-    s.sigmas = ()  # explicit noise levels (EDM sigma), e.g. (80.0, 0.821); wins over ts, timesteps
+    s.sigmas = ()  # explicit noise levels (EDM sigma), e.g. (80.0, 0.821); wins over ts
     s.num_samples = 64  # images written by --mode=sample
     s.batch_size = 64  # images per sampling call (global)
     s.grid_size = 64  # images in each snapshot PNG grid (0 = no grids)

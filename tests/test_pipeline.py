@@ -193,7 +193,8 @@ def test_sampling_timesteps_mean_what_the_pipeline_means(run):
     levels = spec.sampler(config).sigmas
     assert levels == spec.sampler(config, "0,22,39").sigmas
     np.testing.assert_array_equal(np.float32(levels), pipe.sigmas(timesteps=[22, 0]))
-    config.sampling.sigmas = (80.0, 0.5)  # explicit sigmas win, as over ts
+    config.sampling.timesteps = ()
+    config.sampling.sigmas = (80.0, 0.5)
     assert spec.sampler(config).sigmas == (80.0, 0.5)
 
 
@@ -204,6 +205,7 @@ def test_sampling_timesteps_mean_what_the_pipeline_means(run):
         (dict(timesteps=(40, 0)), r"sampling.timesteps: .*\[0, 39\]"),
         (dict(timesteps=(22.0, 0)), r"sampling.timesteps=\(22.0, 0\): give integer"),
         (dict(timesteps=(22, 0), ts=(0, 22, 39)), "sampling.timesteps=.* and sampling.ts="),
+        (dict(timesteps=(22, 0), sigmas=(80.0,)), r"and sampling.sigmas=\(80.0,\) are both"),
     ],
 )
 def test_bad_sampling_timesteps_name_the_key_and_the_fix(sampling, match):

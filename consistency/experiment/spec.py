@@ -316,8 +316,7 @@ def sampler(config, setting: str | None = None) -> SamplerSpec:
         return SamplerSpec(kind=name, sigmas=(), steps=int(setting), clip_denoised=clip)
     timesteps = ()
     if setting is None:
-        sigmas, ts = tuple(s.sigmas), tuple(s.ts)
-        timesteps = () if sigmas else _timesteps(config)
+        sigmas, ts, timesteps = tuple(s.sigmas), tuple(s.ts), _timesteps(config)
     else:
         explicit = setting.startswith("sigma=")
         parse = float if explicit else int
@@ -340,7 +339,7 @@ def sampler(config, setting: str | None = None) -> SamplerSpec:
 
 
 def _timesteps(config) -> tuple[int, ...]:
-    """sampling.timesteps, checked to be integers and not to compete with sampling.ts."""
+    """sampling.timesteps, checked to be integers and the only choice of levels."""
     s = config.sampling
     values = tuple(s.timesteps)
     if any(not isinstance(t, int) or isinstance(t, bool) for t in values):
@@ -348,11 +347,13 @@ def _timesteps(config) -> tuple[int, ...]:
             f"sampling.timesteps={values}: give integer indices of the sampling.steps grid, "
             "e.g. (22, 0)"
         )
-    if values and s.ts:
-        raise ValueError(
-            f"sampling.timesteps={values} and sampling.ts={tuple(s.ts)} are both set: give one "
-            f"(timesteps (22, 0) are ts (0, 22, {s.steps - 1})), e.g. --config.sampling.ts='()'"
-        )
+    for key in ("ts", "sigmas") if values else ():
+        if s[key]:
+            raise ValueError(
+                f"sampling.timesteps={values} and sampling.{key}={tuple(s[key])} are both set: "
+                f"give one (timesteps (22, 0) are ts (0, 22, {s.steps - 1})), e.g. "
+                f"--config.sampling.{key}='()'"
+            )
     return values
 
 
