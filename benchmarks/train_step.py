@@ -6,15 +6,20 @@
 prints compile time, steady optimiser steps/s and images/s, model FLOPs per step (XLA's cost
 analysis of the compiled step, every device), achieved FLOP/s, MFU against --peak_tflops per
 device, and memory (XLA's memory analysis; the allocator's peak where the device reports one),
-as a table and then one JSON line. CD configs get a randomly initialised teacher.
+as a table and then one JSON line. CD configs get a randomly initialised teacher;
+--random_lpips gives LPIPS random VGG16 and head weights (a speed measurement needs no weights
+files). `setup` and `measure` are reused by step_overhead.py and gpu_matrix.py.
 """
 
+import dataclasses
 import json
 import pathlib
 import sys
 import time
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,12 +27,17 @@ from ml_collections import config_flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ is not installed
 from consistency.experiment import methods, networks, train_state, update
 from consistency.io import sharding
+from consistency.measure import lpips
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-flags.DEFINE_integer("steps", 10, "Timed calls of the step, after 2 warm-up calls.")
-flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device, for the MFU (0: no MFU).")
-flags.mark_flags_as_required(["config"])
+
+
+def _define_flags():  # only when run as a script: the other benchmarks import this module
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    flags.DEFINE_integer("steps", 10, "Timed calls of the step, after 2 warm-up calls.")
+    flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s of one device, for the MFU (0: no MFU).")
+    flags.DEFINE_bool("random_lpips", False, "LPIPS with random weights (no weights files).")
+    flags.mark_flags_as_required(["config"])
 
 
 def _batch(config, mesh):
@@ -63,8 +73,31 @@ def _memory(compiled) -> dict:
     return out
 
 
-def measure(config, steps: int, peak_tflops: float) -> dict:
-    """Compile the configured step on all devices and time `steps` calls of it."""
+def random_lpips_params(seed: int = 0) -> dict:
+    """LPIPS params of the right shapes with random VGG16 weights and non-negative heads."""
+    x = jnp.zeros((1, 32, 32, 3), jnp.float32)  # the shapes do not depend on the image size
+    params = jax.jit(lpips.LPIPS(resize=False).init)(jax.random.key(seed), x, x)["params"]
+    return {k: jax.tree.map(jnp.abs, v) if k.startswith("lin") else v for k, v in params.items()}
+
+
+@dataclasses.dataclass
+class Setup:
+    """A config's train step and everything it is called with, on all devices."""
+
+    mesh: Any
+    network: networks.Network
+    tx: Any
+    shardings: Any
+    state: train_state.TrainState
+    teacher: Any  # a CD teacher: the random initial params; else None
+    distance: Any
+    step: Any  # the jitted train step (update.train_step_for)
+    batch: Any  # [n_jitted_steps, B, ...] of synthetic images and labels
+    key: jax.Array
+
+
+def setup(config, *, random_lpips: bool = False) -> Setup:
+    """The configured state, teacher, distance, synthetic batch and jitted train step."""
     t = config.training
     mesh = sharding.make_mesh(t.mesh_fsdp)
     network, tx = networks.build_network(config), train_state.optimizer(config)
@@ -72,10 +105,23 @@ def measure(config, steps: int, peak_tflops: float) -> dict:
     state = update.init_state(config, network, tx, mesh, shardings=shardings)
     teacher = None
     if methods.row(t.loss).needs_teacher:
-        teacher = jax.device_put(state.params, sharding.tree_sharding(mesh, state.params))
-    distance = jax.device_put(networks.distance_fn(config), sharding.replicated(mesh))
+        # A copy: the step donates the state's buffers, and device_put would alias them.
+        teacher = jax.tree.map(jnp.copy, state.params)
+        teacher = jax.device_put(teacher, sharding.tree_sharding(mesh, teacher))
+    weights = random_lpips_params() if random_lpips and t.distance == "lpips" else None
+    distance = networks.distance_fn(config, lpips_params=weights)
+    distance = jax.device_put(distance, sharding.replicated(mesh))
     step = update.train_step_for(config, network, tx, mesh, state_shardings=shardings)
     batch, key = _batch(config, mesh), jax.random.key(0)
+    return Setup(mesh, network, tx, shardings, state, teacher, distance, step, batch, key)
+
+
+def measure(config, steps: int, peak_tflops: float, *, random_lpips: bool = False) -> dict:
+    """Compile the configured step on all devices and time `steps` calls of it."""
+    t = config.training
+    s = setup(config, random_lpips=random_lpips)
+    mesh, state, teacher, distance, step = s.mesh, s.state, s.teacher, s.distance, s.step
+    batch, key = s.batch, s.key
 
     start = time.perf_counter()
     compiled = step.lower(state, batch, teacher, distance, key).compile()
@@ -124,10 +170,11 @@ def _table(result: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    result = measure(FLAGS.config, FLAGS.steps, FLAGS.peak_tflops)
+    result = measure(FLAGS.config, FLAGS.steps, FLAGS.peak_tflops, random_lpips=FLAGS.random_lpips)
     print(_table(result))
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
