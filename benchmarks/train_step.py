@@ -116,8 +116,10 @@ def setup(config, *, random_lpips: bool = False) -> Setup:
     return Setup(mesh, network, tx, shardings, state, teacher, distance, step, batch, key)
 
 
-def measure(config, steps: int, peak_tflops: float, *, random_lpips: bool = False) -> dict:
-    """Compile the configured step on all devices and time `steps` calls of it."""
+def measure(
+    config, steps: int, peak_tflops: float, *, random_lpips: bool = False, warmup: int = 2
+) -> dict:
+    """Compile the configured step on all devices and time `steps` calls of it after `warmup`."""
     t = config.training
     s = setup(config, random_lpips=random_lpips)
     mesh, state, teacher, distance, step = s.mesh, s.state, s.teacher, s.distance, s.step
@@ -126,7 +128,7 @@ def measure(config, steps: int, peak_tflops: float, *, random_lpips: bool = Fals
     start = time.perf_counter()
     compiled = step.lower(state, batch, teacher, distance, key).compile()
     compile_s = time.perf_counter() - start
-    for _ in range(2):
+    for _ in range(warmup):
         state, metrics = compiled(state, batch, teacher, distance, key)
     jax.block_until_ready((state, metrics))
     start = time.perf_counter()
