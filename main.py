@@ -10,7 +10,13 @@ from consistency.experiment import cli, spec
 from consistency.io import sharding
 
 # --mode -> the module of consistency.experiment that runs it (its run(config, workdir)).
-MODES = {"train": "train", "sample": "sample", "edit": "edit", "eval": "evaluate"}
+MODES = {
+    "train": "train",
+    "sample": "sample",
+    "edit": "edit",
+    "eval": "evaluate",
+    "encode": "encode",
+}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -20,7 +26,8 @@ flags.DEFINE_enum(
     "train",
     list(MODES),
     "train: train (resuming); sample: write samples; edit: --config.edit.* zero-shot edits; "
-    "eval: FID etc. of --config.eval.* checkpoints and settings (resumable).",
+    "eval: FID etc. of --config.eval.* checkpoints and settings (resumable); encode: the "
+    "dataset encoded once by --config.latent.vae into latent.cache (resumable).",
 )
 flags.DEFINE_enum(
     "distributed",

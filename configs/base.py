@@ -20,7 +20,7 @@ def _data() -> ml_collections.ConfigDict:
 
 def _model() -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
-    m.name = "unet"  # unet (small, for CPU) | ncsnpp (CIFAR-10 paper net) | adm (ImageNet/LSUN)
+    m.name = "unet"  # unet (small, CPU) | ncsnpp (CIFAR-10) | adm (ImageNet/LSUN) | autoencoder_kl
     m.sigma_min = 0.002  # eps: the boundary f(x, eps) = x and the smallest grid noise level
     m.sigma_max = 80.0  # T: the largest noise level
     m.rho = 7.0  # Karras grid exponent
@@ -56,12 +56,18 @@ def _model() -> ml_collections.ConfigDict:
     m.adm.use_scale_shift_norm = True  # FiLM-style time conditioning in the res blocks
     m.adm.resblock_updown = True  # up/down sampling inside residual blocks
     m.adm.dropout_resolution = 0  # dropout only at feature maps <= this size (0 = all; iCT/sCM 16)
+    m.autoencoder_kl = ml_collections.ConfigDict()  # training.loss='vae': diffusers' AutoencoderKL
+    m.autoencoder_kl.block_out_channels = (32, 64)  # width per level; the image halves per level
+    m.autoencoder_kl.layers_per_block = 1  # resnets per encoder level (decoder: one more)
+    m.autoencoder_kl.latent_channels = 2  # channels of the latent
+    m.autoencoder_kl.norm_num_groups = 16  # GroupNorm groups (divides every width)
+    m.autoencoder_kl.mid_block_add_attention = True  # attention in the middle blocks
     return m
 
 
 def _training() -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
-    t.loss = "ct"  # methods.py's rows: edm cd ct (iCT) pd ect cd/ct_continuous sct scd
+    t.loss = "ct"  # methods.py's rows: edm cd ct (iCT) pd ect cd/ct_continuous sct scd vae
     t.batch_size = 128  # global batch over all devices and hosts
     t.num_steps = 2000  # optimiser steps of the run
     t.n_jitted_steps = 1  # steps fused in one jitted call with lax.scan
@@ -107,6 +113,8 @@ def _training() -> ml_collections.ConfigDict:
     t.edm_p_mean = -1.2  # EDM: ln sigma ~ N(p_mean, p_std^2)
     t.edm_p_std = 1.2  # EDM: see edm_p_mean
     t.label_dropout = 0.0  # EDM: label -> the null class with this probability (needs null_label)
+    t.vae_kl_weight = 1e-6  # vae: loss = distance (pixel mean) + this x KL (sum over the latent)
+    t.vae_lpips_weight = 1.0  # vae with training.distance='lpips': l1 + this weight x LPIPS (LDM's)
     return t
 
 
@@ -181,6 +189,20 @@ def _eval() -> ml_collections.ConfigDict:
     return e
 
 
+def _latent() -> ml_collections.ConfigDict:
+    lat = ml_collections.ConfigDict()
+    # A diffusers vae/ folder, or the workdir of a training.loss='vae' run ('' = pixel space).
+    # Set, the network models its scaled latents: data.image_size / num_channels are the latent's.
+    lat.vae = ""
+    lat.cache = ""  # the encoded dataset (--mode=encode writes it) ('' = WORKDIR/latents)
+    lat.image_size = 0  # side of the images the autoencoder encodes (0 = its config's sample_size)
+    lat.sample = "mean"  # encode each image as its posterior's mean | a sample (latent.seed)
+    lat.seed = 0  # latent.sample='sample': image k's noise comes from fold_in(seed, k)
+    lat.batch_size = 256  # --mode=encode: images per encoder call
+    lat.shard_size = 4096  # --mode=encode: images per resumable shard
+    return lat
+
+
 def get_config() -> ml_collections.ConfigDict:
     """The defaults: a consistency-training run on the bundled digits with the small UNet."""
     config = ml_collections.ConfigDict()
@@ -192,4 +214,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling = _sampling()
     config.edit = _edit()
     config.eval = _eval()
+    config.latent = _latent()
     return config

@@ -27,6 +27,7 @@ PROPERTIES = {
     "ct_continuous": (False, False, "consistency"),
     "sct": (False, False, "consistency"),
     "scd": (True, False, "consistency"),
+    "vae": (False, False, "autoencoder"),
 }
 BATCH = 4
 
@@ -36,6 +37,8 @@ def _config(loss: str):
     config.training.loss = loss
     if loss in ("sct", "scd"):
         config.model.update(parameterization="trigflow", logvar_features=8)
+    if loss == "vae":
+        config.model.name = "autoencoder_kl"
     if loss == "pd":
         config.training.update(start_scales=4, distill_steps_per_iter=2)
     return config
@@ -47,8 +50,15 @@ def _fns(scale: float = 0.9):
     def model(params, x, sigma, y, key):
         return params * scale * x
 
+    def autoencode(params, x, key):  # D(z) = params * scale * x, KL = |x|^2
+        return params * scale * x, jnp.sum(x**2, axis=(1, 2, 3))
+
     return methods.ModelFns(
-        consistency=model, denoiser=model, raw=model, log_weight=lambda p, c: 0.1 * c
+        consistency=model,
+        denoiser=model,
+        raw=model,
+        log_weight=lambda p, c: 0.1 * c,
+        autoencode=autoencode,
     )
 
 
@@ -90,8 +100,29 @@ def test_every_row_returns_per_example_losses(name):
     per, metrics = method.loss(
         _fns(), distance, 1.0, 1.0, 1.0, _batch(), jax.random.key(1), jnp.int32(3)
     )
-    assert per.shape == (BATCH,) and metrics["sigma"].shape == (BATCH,)
+    axis = "reconstruction" if name == "vae" else "sigma"  # an autoencoder has no noise levels
+    assert per.shape == (BATCH,) and metrics[axis].shape == (BATCH,)
     assert np.all(np.isfinite(per))
+
+
+def test_vae_row_is_the_reconstruction_plus_the_weighted_kl():
+    config = _config("vae")
+    config.training.update(distance="lpips", vae_kl_weight=0.5, vae_lpips_weight=2.0)
+    batch, key = _batch(), jax.random.key(0)
+    x, y = 0.9 * batch["image"], batch["image"]  # _fns: D(z) = 0.9 x
+    kl = jnp.sum(y**2, axis=(1, 2, 3))
+    # lpips: LDM's l1 + weight x the injected distance (here l2 stands in for LPIPS)
+    per, metrics = methods.from_config(config).loss(
+        _fns(), distances.l2, 1.0, None, None, batch, key, 0
+    )
+    want = distances.l1(x, y) + 2.0 * distances.l2(x, y) + 0.5 * kl
+    np.testing.assert_allclose(per, want, rtol=1e-6)
+    np.testing.assert_allclose(metrics["kl"], kl, rtol=1e-6)
+    config.training.distance = "l2"  # the distance alone
+    per, _ = methods.from_config(config).loss(_fns(), distances.l2, 1.0, None, None, batch, key, 0)
+    np.testing.assert_allclose(per, distances.l2(x, y) + 0.5 * kl, rtol=1e-6)
+    config.model.name = "unet"
+    assert any("model.name='autoencoder_kl'" in p for p in methods.problems(config))
 
 
 def test_edm_label_dropout_rate_on_a_batch():

@@ -405,3 +405,28 @@ def progressive_distillation_loss(
     denoised = denoise_fn(params, x_t, t, k_drop)
     losses = weighting(t) * distance(denoised, target)
     return _check_per_example(losses, batch), {"sigma": t, "index": index}
+
+
+def autoencoder_loss(
+    autoencode: Callable,
+    params,
+    x: jax.Array,
+    key: jax.Array,
+    *,
+    distance: Distance,
+    kl_weight: float,
+    pixel_distance: Distance | None = None,
+    perceptual_weight: float = 0.0,
+) -> tuple[jax.Array, Metrics]:
+    """KL autoencoder (LDM's first stage, without its GAN): d(D(z), x) + kl_weight KL(q(z|x) || p).
+
+    z = mean + std eps, eps ~ N(0, I) from `key`; `autoencode(params, x, key)` returns (D(z),
+    KL(q(z|x) || N(0, I)) [B] summed over the latent). With `pixel_distance` the reconstruction
+    term is pixel_distance + perceptual_weight * distance (LDM's l1 + LPIPS), else `distance`.
+    """
+    reconstruction, kl = autoencode(params, x, key)
+    rec = distance(reconstruction, x)
+    if pixel_distance is not None:
+        rec = pixel_distance(reconstruction, x) + perceptual_weight * rec
+    losses = rec + kl_weight * kl
+    return _check_per_example(losses, x.shape[0]), {"reconstruction": rec, "kl": kl}

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from consistency.core import editing, samplers
-from consistency.experiment import networks, sample, spec
+from consistency.experiment import latent, networks, sample, spec
 from consistency.io import image_io
 
 
@@ -84,13 +84,14 @@ def _interpolate(config, network, params):
     ids, sigma_max = np.arange(e.num_pairs), config.model.sigma_max
     shape, key = (d.image_size, d.image_size, d.num_channels), jax.random.key(e.seed)
     alphas = jnp.linspace(0.0, 1.0, e.num_interpolations)
+    clip = not latent.enabled(config)  # latents are decoded, then clipped
 
     @jax.jit
     def fn(params, labels):
         z0 = samplers.per_sample_normal(key, ids, shape, 0)
         z1 = samplers.per_sample_normal(key, ids, shape, 1)
         f = lambda x, s: cm(params, x, s, jnp.tile(labels, len(alphas)), None)
-        x = editing.interpolate(f, z0, z1, alphas, sigma_max=sigma_max)  # [K, P, ...]
+        x = editing.interpolate(f, z0, z1, alphas, sigma_max=sigma_max, clip_output=clip)
         return jnp.swapaxes(x, 0, 1).reshape(-1, *shape)  # pair-major
 
     labels = sample.sample_labels(config, ids)
@@ -135,6 +136,8 @@ def run_edit(config, workdir) -> EditResult:
     out_dir = pathlib.Path(e.out or pathlib.Path(workdir) / "edits" / e.task)
     if e.task == "interpolate":
         edited, names, labels = _interpolate(config, network, params)
+        decode = latent.decoder(config)  # a latent model's interpolations, decoded to images
+        edited = edited if decode is None else np.asarray(decode(edited))
         k = e.num_interpolations
         keep = labels if d.class_conditional else None
         grid = write_edits(

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from consistency.experiment import networks, sample, spec
+from consistency.experiment import latent, networks, sample, spec
 from consistency.io import checkpoints, data, image_io, sharding
 from consistency.measure import digits, inception, metrics
 
@@ -95,6 +95,8 @@ def _setting_dir(
         sampler=dataclasses.asdict(sampler),
         grid=[m.sigma_min, m.sigma_max, m.rho],
     )
+    if latent.enabled(config):  # the images are decoded latents: the decoder makes them too
+        keyed["decoder"] = latent.vae_digest(config)
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
     name = setting.replace(",", "-").replace("=", "-") + "-" + digest
     return pathlib.Path(workdir) / "eval" / f"step_{step}" / name
@@ -178,7 +180,8 @@ def split_features(config, split: str, extract, mesh, *, limit: int = 0) -> dict
     d, e = config.data, config.eval
     source = data.make_source(d.name, split=split, data_dir=d.data_dir or None, folder=d.folder)
     n = len(source) if limit <= 0 else min(limit, len(source))
-    prep = data.Preprocess(d.image_size, d.num_channels, random_flip=False)
+    # The images themselves, also for a latent model (its samples are decoded before features).
+    prep = data.Preprocess(*latent.image_shape(config), random_flip=False)
     rng = np.random.default_rng(0)
     block = 16 * e.batch_size  # bounded memory for large splits
     parts = []
@@ -229,7 +232,7 @@ def reference(config, workdir, extract, mesh, kind: str) -> tuple[dict, str]:
         if "mu" not in ref:
             raise ValueError(f"eval.reference {path} holds neither mu/sigma nor images (arr_0)")
         return ref, str(path)
-    tag = [d.name, d.data_dir, d.folder, e.reference_split, d.image_size, d.num_channels,
+    tag = [d.name, d.data_dir, d.folder, e.reference_split, *latent.image_shape(config),
            e.reference_limit, kind, network_tag]  # fmt: skip
     cache = path_for(cache_dir(config, workdir), "reference", tag)
     compute = lambda: reference_statistics(
@@ -319,14 +322,18 @@ class _Scorer:
     """Scores one sampler setting of one checkpoint: shards, metrics, the printed line and
     TensorBoard (process 0: metrics; other processes sample and get None)."""
 
-    def __init__(self, config, workdir, network, extract, ref, kind, mesh, writer):
+    def __init__(self, config, workdir, network, extract, ref, kind, mesh, writer, decode=None):
         self.config, self.workdir, self.network, self.extract = config, workdir, network, extract
         self.ref, self.kind, self.mesh, self.writer = ref, kind, mesh, writer
+        self.decode = decode  # latent.decoder: a latent model's samples become images
 
     def __call__(self, params, step, checkpoint, setting, sampler, sample_fn=None):
         start = time.time()
         out_dir = _setting_dir(
             self.config, self.workdir, step, setting, sampler, self.kind, checkpoint
+        )
+        sample_fn = sample_fn or sample.make_sample_fn(
+            self.config, self.network, sampler, decode=self.decode
         )
         samples = sample_features(
             self.config, self.network, params, out_dir, self.extract, self.mesh, sampler, sample_fn
@@ -354,7 +361,7 @@ def search_two_step(config, scorer, *, network, params, step, checkpoint, settin
         name = f"0,{i},{n - 1}"
         sampler = spec.sampler(config, name)
         sigmas = np.asarray(sampler.sigmas, np.float32)
-        sample_fn = functools.partial(fn, sigmas=sigmas)
+        sample_fn = latent.decoded(functools.partial(fn, sigmas=sigmas), scorer.decode)
         scored = scorer(params, step, checkpoint, name, sampler, sample_fn)
         if scored is not None:
             results[name] = scored
@@ -403,7 +410,8 @@ def run_eval(config, workdir) -> dict[int, dict]:
         from tensorboardX import SummaryWriter  # TensorBoard event files without TensorFlow
 
         writer = SummaryWriter(str(workdir / "tensorboard"))
-    scorer = _Scorer(config, workdir, network, extract, ref, kind, mesh, writer)
+    decode = latent.decoder(config)
+    scorer = _Scorer(config, workdir, network, extract, ref, kind, mesh, writer, decode)
     results = {}
     for wanted in list(e.checkpoint_steps) or [None]:
         params, step, checkpoint = _load_params(config, workdir, network, wanted)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from consistency.convert import diffusers_vae
+from consistency.experiment import methods
 from consistency.io import data, latents
 
 SAMPLES = ("mean", "sample")  # latent.sample: the posterior mean or a sample of it per image
@@ -34,12 +35,59 @@ def enabled(config) -> bool:
     return bool(config.latent.vae)
 
 
+def _is_int(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def problems(config, mode: str) -> list[str]:
+    """The latent.* keys and what a latent model or an autoencoder run excludes, for `mode`
+    (pure: no file is read; shape_problems reads latent.vae's config.json)."""
+    lat, t, m = config.latent, config.training, config.model
+    out = [f"latent.{k}={lat[k]!r}: must be an integer >= {low}" for k, low in
+           (("image_size", 0), ("seed", 0), ("batch_size", 1), ("shard_size", 1))
+           if not _is_int(lat[k], low)]  # fmt: skip
+    if lat.sample not in SAMPLES:
+        out.append(f"latent.sample={lat.sample!r}: must be one of {SAMPLES}")
+    row = methods.METHODS.get(t.loss)
+    if row is not None and row.samples_as == "autoencoder":
+        if mode != "train":
+            out.append(
+                f"training.loss={t.loss!r} trains an autoencoder: --mode={mode} does not apply "
+                "to it; give its workdir to a latent model as --config.latent.vae"
+            )
+        if lat.vae:
+            out.append(f"latent.vae={lat.vae!r}: training.loss={t.loss!r} trains on images")
+        if config.eval.every_steps:
+            out.append(f"eval.every_steps={config.eval.every_steps}: an autoencoder has no FID")
+        return out
+    if m.name == "autoencoder_kl":
+        out.append("model.name='autoencoder_kl' is trained by training.loss='vae' only")
+    if mode == "encode" and not lat.vae:
+        out.append("--mode=encode needs latent.vae: a diffusers vae/ folder or a 'vae' run")
+    if not lat.vae:
+        return out
+    if config.sampling.clip_denoised:
+        out.append(
+            "sampling.clip_denoised=True clamps latents to [-1, 1]: set "
+            "--config.sampling.clip_denoised=False for a latent model (its decoded images are "
+            "clipped)"
+        )
+    if t.distance == "lpips":
+        out.append("training.distance='lpips' compares images, not the latents of latent.vae")
+    if mode == "edit" and config.edit.task not in LATENT_EDIT_TASKS:
+        out.append(
+            f"edit.task={config.edit.task!r}: on a latent model (latent.vae) --mode=edit runs "
+            f"only {LATENT_EDIT_TASKS} (the other tasks edit the pixels, masks or patches of "
+            "input images, which the latents do not have)"
+        )
+    return out
+
+
 def vae_folder(path: str) -> pathlib.Path:
-    """latent.vae: a diffusers vae/ folder (config.json), or a run directory holding one in vae/."""
+    """latent.vae: a folder holding vae/ (a 'vae' run's workdir, a diffusers pipeline), else a
+    diffusers vae/ folder itself (config.json + weights)."""
     folder = pathlib.Path(path)
-    if not (folder / "config.json").exists() and (folder / VAE_DIR / "config.json").exists():
-        return folder / VAE_DIR
-    return folder
+    return folder / VAE_DIR if (folder / VAE_DIR / "config.json").exists() else folder
 
 
 @functools.lru_cache(maxsize=8)

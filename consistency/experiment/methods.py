@@ -18,7 +18,8 @@ from consistency.core.schedules import Curriculum, NoiseGrid
 
 INDEX_SAMPLINGS = ("uniform", "lognormal")
 ECT_SCALINGS = ("edm", "boundary")  # the scalings ECT trains with (it samples with boundary)
-SAMPLERS = ("consistency", "diffusion", "progressive")  # how a method's models are sampled
+# How a method's models are sampled ('autoencoder': not at all; latent.vae reads its export).
+SAMPLERS = ("consistency", "diffusion", "progressive", "autoencoder")
 ALL_DISTANCES = distances.DISTANCES + ("lpips",)
 
 
@@ -30,6 +31,7 @@ class ModelFns:
     denoiser: Callable  # D_theta: the EDM scalings (TrigFlow: its single form)
     raw: Callable  # F_theta(params, x_in, c_noise, y, key): the bare network (sCM)
     log_weight: Callable | None = None  # (params, c_noise) -> sCM's learned weighting w
+    autoencode: Callable | None = None  # (params, x, key) -> (D(z), KL [B]): an autoencoder
 
 
 class Method:
@@ -499,10 +501,47 @@ class SCD(SCT):
         return lambda x, t: sd * fns.raw(teacher_params, x / sd, t, y, None)
 
 
+@dataclasses.dataclass(frozen=True)
+class VAE(Method):
+    """The KL autoencoder of latent models (LDM's first stage, without its GAN): a reconstruction
+    distance + kl_weight KL; the run exports a diffusers vae/ folder that latent.vae reads."""
+
+    name: ClassVar[str] = "vae"
+    samples_as: ClassVar[str] = "autoencoder"
+    distances: ClassVar[tuple[str, ...]] = ("l1", "l2", "lpips")
+    kl_weight: float = 1e-6
+    lpips_weight: float = 0.0  # > 0: l1 + lpips_weight x the injected distance (LPIPS)
+
+    def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
+        return losses.autoencoder_loss(
+            fns.autoencode,
+            params,
+            batch["image"],
+            key,
+            distance=distance,
+            kl_weight=self.kl_weight,
+            pixel_distance=distances.l1 if self.lpips_weight > 0 else None,
+            perceptual_weight=self.lpips_weight,
+        )
+
+    @classmethod
+    def from_config(cls, config):
+        t = config.training
+        if config.model.name != "autoencoder_kl":
+            raise ValueError(
+                f"training.loss='vae' trains model.name='autoencoder_kl', not {config.model.name!r}"
+            )
+        if t.vae_kl_weight < 0 or t.vae_lpips_weight < 0:
+            raise ValueError("training.vae_kl_weight and training.vae_lpips_weight must be >= 0")
+        lpips_weight = t.vae_lpips_weight if t.distance == "lpips" else 0.0
+        return cls(kl_weight=t.vae_kl_weight, lpips_weight=lpips_weight)
+
+
 # The table: training.loss -> its row.
 METHODS: dict[str, type[Method]] = {
     row.name: row for row in (EDM, CD, CT, PD, ECT, CDContinuous, CTContinuous, SCT, SCD)
 }
+METHODS[VAE.name] = VAE  # the autoencoder of latent models (latent.vae), sampled by no mode
 LOSSES = tuple(METHODS)
 
 

@@ -17,7 +17,7 @@ from consistency.experiment import evaluate, sample, spec
 class TrainingEval:
     """Scores the EMA copy eval.ema_index every eval.every_steps (and at the last step)."""
 
-    def __init__(self, config, workdir, network, mesh):
+    def __init__(self, config, workdir, network, mesh, decode=None):
         e = config.eval
         self.config, self.mesh, self.every = config, mesh, e.every_steps
         self.kind = evaluate.feature_kind(config)
@@ -25,7 +25,8 @@ class TrainingEval:
         self.extract = evaluate.make_extractor(config, evaluate.cache_dir(config, workdir))
         self.ref, _ = evaluate.reference(config, workdir, self.extract, mesh, self.kind)
         self.sample_fns = {
-            s: sample.make_sample_fn(config, network, spec.sampler(config, s)) for s in e.settings
+            s: sample.make_sample_fn(config, network, spec.sampler(config, s), decode=decode)
+            for s in e.settings
         }
         self.path = workdir / "eval" / "during_training.json"
         self.record = json.loads(self.path.read_text()) if self.path.exists() else {"steps": {}}

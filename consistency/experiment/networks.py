@@ -14,11 +14,12 @@ from consistency.core import distances, parameterization
 from consistency.experiment import methods
 from consistency.measure import lpips
 from consistency.models.adm import ADMUNet, attention_ds
+from consistency.models.autoencoder_kl import AutoencoderKL
 from consistency.models.logvar import LogVariance
 from consistency.models.ncsnpp import NCSNpp
 from consistency.models.unet import UNet
 
-MODELS = ("unet", "ncsnpp", "adm")
+MODELS = ("unet", "ncsnpp", "adm", "autoencoder_kl")  # autoencoder_kl: training.loss='vae'
 
 
 PARAMETERIZATIONS = ("edm", "trigflow")
@@ -68,6 +69,8 @@ class Network:
         return run(params, x_in, c_noise, y, rngs)
 
     def init(self, key, x, y):
+        if isinstance(self.module, AutoencoderKL):
+            return self.module.init({"params": key}, x)["params"]
         c = jnp.zeros(x.shape[:1], jnp.float32)
         args = (x, c, y) if self.takes_labels else (x, c)
         net = self.module.init({"params": key}, *args, train=False)["params"]
@@ -75,6 +78,16 @@ class Network:
             return net
         logvar = self.logvar.init({"params": jax.random.fold_in(key, 1)}, c)["params"]
         return {"net": net, "logvar": logvar}
+
+    def autoencode(self, params, x, key):
+        """(D(z), KL(q(z|x) || N(0, I)) [B]) of an autoencoder; z = mean + std eps, eps from key."""
+
+        def run(module, x):
+            posterior = module.encode(x)
+            noise = jax.random.normal(key, posterior.mean.shape, posterior.mean.dtype)
+            return module.decode(posterior.sample(noise)), posterior.kl()
+
+        return self.module.apply({"params": params}, x, method=run)
 
     def log_weight(self, params, c_noise):
         """The adaptive weighting w(c_noise) [B] (sCM); needs the logvar module."""
@@ -104,6 +117,20 @@ def _network(config: ml_collections.ConfigDict) -> Network:
     # model.null_label: one more embedding row, the null class d.num_classes (CFG).
     num_classes = d.num_classes + bool(m.null_label) if d.class_conditional else 0
     name = _choice(m.name, MODELS, "model.name")
+    if name == "autoencoder_kl":
+        a = m.autoencoder_kl
+        module = AutoencoderKL(
+            in_channels=d.num_channels,
+            out_channels=d.num_channels,
+            block_out_channels=tuple(a.block_out_channels),
+            layers_per_block=a.layers_per_block,
+            latent_channels=a.latent_channels,
+            norm_num_groups=a.norm_num_groups,
+            mid_block_add_attention=a.mid_block_add_attention,
+            dtype=dtype,
+            attention_impl=impl,
+        )
+        return Network(module, "none", takes_labels=False)
     common = dict(dropout=m.dropout, dtype=dtype, attention_impl=impl)
     if name == "unet":
         module = UNet(out_channels=d.num_channels, num_classes=num_classes, **m.unet, **common)
@@ -159,6 +186,8 @@ def model_fn(network: Network, config, kind: str) -> Callable:
 
 def model_fns(network: Network, config) -> methods.ModelFns:
     """The network as the functions the method table's losses call."""
+    if isinstance(network.module, AutoencoderKL):  # training.loss='vae': no noise levels
+        return methods.ModelFns(None, None, None, autoencode=network.autoencode)
     return methods.ModelFns(
         consistency=model_fn(network, config, "consistency"),
         denoiser=model_fn(network, config, "edm"),

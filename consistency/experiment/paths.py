@@ -155,7 +155,7 @@ def problems(config, *, mode: str, workdir: str | None = None) -> list[str]:
         out += _file(config.edit.input, "edit.input", what)
     if mode == "edit" and config.edit.mask:
         out += _file(config.edit.mask, "edit.mask", "a PNG mask (white = known)")
-    if work is None or mode == "train":
+    if work is None or mode in ("train", "encode"):
         return out
     wanted = {
         "sample": ("sampling.checkpoint_step", [config.sampling.checkpoint_step]),

@@ -11,14 +11,17 @@ from jax.experimental import multihost_utils
 from consistency.core import ode, samplers, schedules
 from consistency.core.samplers import SamplerSpec
 from consistency.core.schedules import NoiseGrid
-from consistency.experiment import methods, networks, spec
+from consistency.experiment import latent, methods, networks, spec
 from consistency.io import checkpoints, image_io, sharding
 
 
-def make_sampler(fns: methods.ModelFns, sampler: SamplerSpec, grid: NoiseGrid, shape):
+def make_sampler(
+    fns: methods.ModelFns, sampler: SamplerSpec, grid: NoiseGrid, shape, *, clip_output=True
+):
     """jitted fn(params, key, sample_ids, labels) -> images in [-1, 1] for one batch.
 
     Sample k's noise is fold_in(key, k): the images do not depend on the batch split.
+    clip_output=False leaves the result unclamped (latents, which are decoded afterwards).
     """
     clip = sampler.clip_denoised
     if sampler.kind in ("heun", "progressive"):
@@ -33,16 +36,19 @@ def make_sampler(fns: methods.ModelFns, sampler: SamplerSpec, grid: NoiseGrid, s
         def diffusion(params, key, ids, labels):
             x_T = grid.sigma_max * samplers.per_sample_normal(key, ids, shape, 0)
             d_fn = lambda x, sig: fns.denoiser(params, x, sig, labels, None)
-            return jnp.clip(solve(d_fn, x_T, sigmas, clip_denoised=clip), -1.0, 1.0)
+            x = solve(d_fn, x_T, sigmas, clip_denoised=clip)
+            return jnp.clip(x, -1.0, 1.0) if clip_output else x
 
         return jax.jit(diffusion)
     sigmas = np.asarray(sampler.sigmas, np.float32)
     samplers.validate_sigmas(sigmas, sigma_min=grid.sigma_min, sigma_max=grid.sigma_max)
-    fn = make_consistency_sampler(fns, grid, shape, clip_denoised=clip)
+    fn = make_consistency_sampler(fns, grid, shape, clip_denoised=clip, clip_output=clip_output)
     return functools.partial(fn, sigmas=sigmas)
 
 
-def make_consistency_sampler(fns: methods.ModelFns, grid: NoiseGrid, shape, *, clip_denoised):
+def make_consistency_sampler(
+    fns: methods.ModelFns, grid: NoiseGrid, shape, *, clip_denoised, clip_output=True
+):
     """jitted fn(params, key, ids, labels, sigmas, latents=None, noise=None) -> images in [-1, 1]:
     Algorithm 1 at the (traced) levels sigmas from x_T = sigma_max z.
 
@@ -68,19 +74,30 @@ def make_consistency_sampler(fns: methods.ModelFns, grid: NoiseGrid, shape, *, c
             sigma_min=grid.sigma_min,
             sigma_max=grid.sigma_max,
             clip_denoised=clip_denoised,
+            clip_output=clip_output,
         )
 
     return jax.jit(consistency)
 
 
-def make_sample_fn(config, network: networks.Network, sampler: SamplerSpec | None = None):
-    """The configured sampler (or `sampler`) of the configured network: see make_sampler."""
+def make_sample_fn(
+    config, network: networks.Network, sampler: SamplerSpec | None = None, *, decode=None
+):
+    """The configured sampler (or `sampler`) of the configured network: see make_sampler.
+
+    decode (latent.decoder): the network's samples are latents, returned decoded to images.
+    """
     d = config.data
     sampler = spec.sampler(config) if sampler is None else sampler
     shape = (d.image_size, d.image_size, d.num_channels)
-    return make_sampler(
-        networks.model_fns(network, config), sampler, methods.noise_grid(config), shape
+    fn = make_sampler(
+        networks.model_fns(network, config),
+        sampler,
+        methods.noise_grid(config),
+        shape,
+        clip_output=decode is None,
     )
+    return latent.decoded(fn, decode)
 
 
 def consistency_sampler(config, network: networks.Network):
@@ -92,6 +109,7 @@ def consistency_sampler(config, network: networks.Network):
         methods.noise_grid(config),
         (d.image_size, d.image_size, d.num_channels),
         clip_denoised=config.sampling.clip_denoised,
+        clip_output=not latent.enabled(config),  # latents are decoded, then clipped
     )
 
 
@@ -194,7 +212,8 @@ def run_sample(config, workdir) -> pathlib.Path:
     ckpt_dir = pathlib.Path(workdir) / "checkpoints"
     network = networks.build_network(config)
     params, _, step = load_checked(config, ckpt_dir, network, ema_index=s.ema_index, step=step)
-    images, labels = generate(config, network, params, s.num_samples)
+    sample_fn = make_sample_fn(config, network, decode=latent.decoder(config))
+    images, labels = generate(config, network, params, s.num_samples, sample_fn)
     if jax.process_index() != 0:
         return None
     out = write_samples(

@@ -9,11 +9,11 @@ import numpy as np
 
 from consistency.core import samplers
 from consistency.core.samplers import SamplerSpec
-from consistency.experiment import methods, networks, paths, train_state
+from consistency.experiment import latent, methods, networks, paths, train_state
 from consistency.io import data
 from consistency.measure import inception
 
-MODES = ("train", "sample", "edit", "eval")
+MODES = ("train", "sample", "edit", "eval", "encode")  # encode: a latent model's dataset
 TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
 FEATURES = ("inception", "digits")
 ATTENTION = ("plain", "xla", "cudnn", "none")
@@ -246,6 +246,7 @@ def problems(config, *, mode: str = "train", num_devices: int | None = None) -> 
     if not t.ema_rates or any(not _num(0, 1, high_open=True)(r) for r in t.ema_rates):
         out.append(f"training.ema_rates={t.ema_rates}: give rates in [0, 1)")
     out += methods.problems(config)
+    out += latent.problems(config, mode)
     if mode == "train":
         out += _training_problems(config, bad, num_devices)
     if out:  # the checks below build specs from the keys above
@@ -274,6 +275,10 @@ def check_paths(config, *, mode: str = "train", workdir: str | None = None) -> N
     experiment files leave teachers and weights empty) and cannot find, and with `workdir` for
     its checkpoints (sample/edit/eval) and every output dir it could not write (paths.problems)."""
     out = paths.problems(config, mode=mode, workdir=workdir)
+    if latent.enabled(config):  # latent.vae's config.json: the latent shape data.* must have
+        out += latent.shape_problems(config)
+        if not out and mode == "train" and workdir is not None:
+            out += latent.cache_problems(config, workdir)
     if out:
         raise ConfigError("invalid config:\n  " + "\n  ".join(out))
 

@@ -10,7 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from consistency.experiment import methods, monitor, networks, sample, spec, train_state, update
+from consistency.experiment import (
+    latent,
+    methods,
+    monitor,
+    networks,
+    sample,
+    spec,
+    train_state,
+    update,
+)
 from consistency.experiment.train_state import TrainState
 from consistency.io import checkpoints, data, image_io, preemption, sharding
 
@@ -289,11 +298,11 @@ def _record_run(workdir: pathlib.Path, config, step: int, note: dict | None) -> 
     checkpoints.write_json(workdir / "config.json", record["config"])
 
 
-def _batches(config, mesh, start_step: int):
-    """This process's rows of every global batch from start_step on."""
+def _batches(config, mesh, start_step: int, workdir):
+    """This process's rows of every global batch from start_step on (latents: the cache's)."""
     t, d = config.training, config.data
     index, count = sharding.process_rows(mesh, t.batch_size)
-    source = data.make_source(d.name, split=d.split, data_dir=d.data_dir or None, folder=d.folder)
+    source = latent.training_source(config, workdir)
     return data.make_batches(
         source,
         seed=config.seed,
@@ -357,11 +366,18 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> TrainState:
         _record_run(workdir, config, step, note)
     shardings = jax.tree.map(lambda a: a.sharding, template)
     train_step = update.train_step_for(config, network, tx, mesh, state_shardings=shardings)
-    sample_fn = sample.make_sample_fn(config, network)
+    autoencoder = methods.row(t.loss).samples_as == "autoencoder"
+    decode = latent.decoder(config)  # latents -> images for grids and FID (None: pixels)
+    if autoencoder:  # its grids: training images above their reconstructions
+        sample_fn = latent.reconstruction_fn(
+            network, latent.training_source(config, workdir), config.data
+        )
+    else:
+        sample_fn = sample.make_sample_fn(config, network, decode=decode)
     scorer = None
     if config.eval.every_steps:  # FID while training: classifier and reference are made here
-        scorer = monitor.TrainingEval(config, workdir, network, mesh)
-    batches = _batches(config, mesh, step)
+        scorer = monitor.TrainingEval(config, workdir, network, mesh, decode=decode)
+    batches = _batches(config, mesh, step, workdir)
     writer = _tensorboard(workdir) if lead else None
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     batch_sharding = sharding.stacked_batch_sharding(mesh)
@@ -411,6 +427,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> TrainState:
         checkpointer.close()
         if writer is not None:
             writer.close()
+    if autoencoder and lead:  # a diffusers vae/ folder that latent.vae reads
+        folder = latent.export_autoencoder(
+            config, workdir, network, state.ema_params[config.sampling.ema_index]
+        )
+        print(f"autoencoder (EMA copy {config.sampling.ema_index}) exported to {folder}")
     return state
 
 

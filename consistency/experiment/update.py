@@ -97,7 +97,8 @@ def make_train_step(
             num_scales=num_scales.astype(jnp.float32),
             target_ema=mu,
             finite=finite,
-            **_quartile_losses(per, aux["sigma"], spec.grid),
+            # The noise axis, where the loss has one (not an autoencoder's).
+            **(_quartile_losses(per, aux["sigma"], spec.grid) if "sigma" in aux else {}),
             # Loss-specific diagnostics (ECT's r, sCM's logvar and tangent norm), batch means.
             **{k: jnp.mean(v) for k, v in aux.items() if k not in ("sigma", "index")},
         )

@@ -226,13 +226,19 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess(grain.transforms.RandomMap):
-    """uint8 HWC -> float32 in [-1, 1] (x/127.5 - 1), centre crop, random horizontal flip."""
+    """uint8 HWC -> float32 in [-1, 1] (x/127.5 - 1), centre crop, random horizontal flip.
+
+    Latent records {'latent', 'label'} (io.latents.LatentSource) are taken as they are, float32,
+    flipped only with random_flip; their shape must be image_size x image_size x num_channels.
+    """
 
     image_size: int
     num_channels: int
     random_flip: bool
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        if "latent" in record:
+            return self._latent(record, rng)
         image = np.asarray(record["image"])
         if image.ndim == 2:
             image = image[..., None]
@@ -250,6 +256,17 @@ class Preprocess(grain.transforms.RandomMap):
             image = image[:, ::-1]
         label = np.int32(record.get("label", 0))
         return {"image": image.astype(np.float32) / 127.5 - 1.0, "label": label}
+
+    def _latent(self, record: dict, rng: np.random.Generator) -> dict:
+        latent = np.asarray(record["latent"], np.float32)
+        want = (self.image_size, self.image_size, self.num_channels)
+        if latent.shape != want:
+            raise ValueError(
+                f"latents are {latent.shape} but data.image_size, data.num_channels say {want}"
+            )
+        if self.random_flip and rng.random() < 0.5:
+            latent = latent[:, ::-1]
+        return {"image": latent, "label": np.int32(max(int(record.get("label", 0)), 0))}
 
 
 def make_batches(
