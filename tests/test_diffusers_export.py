@@ -1,13 +1,19 @@
 """The diffusers exporter, against the real ConsistencyModelPipeline folders of the fixtures."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
 import refdata
 from flax import traverse_util
 
+from configs import quick_digits
 from consistency.convert.cm_pt import load_cm_checkpoint
 from consistency.convert.diffusers import (
     adm_from_diffusers_config,
@@ -20,8 +26,12 @@ from consistency.convert.diffusers_export import (
     unet_config_from_adm,
     write_safetensors,
 )
+from consistency.experiment import networks, sample, train
+from consistency.experiment.pipeline import ConsistencyPipeline
 from consistency.models.adm import adm_from_create_model_args
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FOLDERS = refdata.cases("diffusers_cm_folder")
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 # Keys of the saved configs not compared: the writer's version and where it was loaded from.
 SKIPPED_KEYS = ("_diffusers_version", "_name_or_path")
@@ -188,3 +198,78 @@ def test_write_safetensors_orders_like_safetensors(tmp_path):
     for name, value in tensors.items():
         assert back[name].shape == value.shape
         np.testing.assert_array_equal(back[name], value, name)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """configs/quick_digits.py:adm trained one step on the digits, exported by the CLI."""
+    run = tmp_path_factory.mktemp("quick_digits_adm")
+    config = quick_digits.get_config("adm")
+    config.training.update(num_steps=1, batch_size=16, log_every=1, snapshot_every=1)
+    config.sampling.grid_size = 0
+    config.eval.every_steps = 0  # no FID
+    config.data.num_threads = 1
+    train.train_and_evaluate(config, str(run))
+    out = run.parent / "diffusers"
+    cmd = [sys.executable, "-m", "consistency.convert", "--to=diffusers",
+           f"--config={REPO / 'configs' / 'quick_digits.py'}:adm", f"--workdir={run}",
+           f"--out={out}"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return config, run, out
+
+
+def _fixture_json(case, path) -> dict:
+    return _read_json(case.values[0]["files"]["model_index.json"].parent / path)
+
+
+def test_quick_digits_adm_exports_what_diffusers_writes(digits_run):
+    """The listing and the config keys of diffusers' save_pretrained folders (the fixtures')."""
+    config, _, out = digits_run
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    ]
+    for case in FOLDERS:
+        for path in ("unet/config.json", "scheduler/scheduler_config.json", "model_index.json"):
+            want = _fixture_json(case, path).keys() - {"_name_or_path"}  # where it was loaded from
+            assert _read_json(out / path).keys() == want, (case.id, path)
+    unet = _read_json(out / "unet" / "config.json")
+    assert unet["_class_name"] == "UNet2DModel"
+    assert (unet["in_channels"], unet["out_channels"], unet["sample_size"]) == (1, 1, 8)
+    assert unet["block_out_channels"] == [32, 64]
+    assert unet["down_block_types"] == ["ResnetDownsampleBlock2D", "AttnDownBlock2D"]
+    scheduler = _read_json(out / "scheduler" / "scheduler_config.json")
+    assert scheduler["num_train_timesteps"] == config.sampling.steps
+
+
+def test_quick_digits_adm_reimports_bit_for_bit(digits_run):
+    config, run, out = digits_run
+    network = networks.build_network(config)
+    params, _, _ = sample.load_checked(
+        config, run / "checkpoints", network, ema_index=config.sampling.ema_index, step=None
+    )
+    module, back = load_diffusers_unet(out / "unet")
+    # num_heads is unused when num_head_channels is set (the reader writes diffusers' default)
+    assert module == network.module.clone(num_heads=module.num_heads)
+    want = traverse_util.flatten_dict(jax.device_get(params))
+    got = traverse_util.flatten_dict(back["params"])
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype == np.float32, key
+        np.testing.assert_array_equal(got[key].view(np.uint32), value.view(np.uint32), key)
+
+
+def test_quick_digits_adm_folder_samples_the_run_images(digits_run):
+    _, run, out = digits_run
+    ours, theirs = ConsistencyPipeline.from_workdir(run), ConsistencyPipeline.from_diffusers(out)
+    theirs.batch_per_call = ours.batch_per_call
+    for levels in (dict(num_inference_steps=1), dict(timesteps=[22, 0])):
+        kwargs = dict(batch_size=8, seed=5, output_type="np", **levels)
+        images = ours(**kwargs)
+        assert images.std() > 1e-3  # one step has moved the zero-initialised output layer
+        np.testing.assert_array_equal(theirs(**kwargs), images)
