@@ -85,6 +85,16 @@ scm_cifar10_sct|scm_cifar10_scd|scm_imagenet64_sct|scm_imagenet64_scd)
 continuous_cifar10_cd-l2|continuous_cifar10_cd-l2-stopgrad|continuous_cifar10_ct-l2)
   run --config=configs/continuous_cifar10.py:${1#continuous_cifar10_} --workdir=$RUNS/$1 \
     $C10 --config.training.teacher_checkpoint=$RUNS/edm_cifar10/checkpoints ;;
+# --- Guided CD (LCM's recipe in pixel space): a teacher with label dropout, then its student ---
+lcd_digits)
+  run --config=configs/lcd_digits.py:teacher --workdir=$RUNS/lcd_digits_teacher
+  run --config=configs/lcd_digits.py --workdir=$RUNS/lcd_digits \
+    --config.training.teacher_checkpoint=$RUNS/lcd_digits_teacher/checkpoints ;;
+lcd_imagenet64_teacher)  # the official teachers have no null class: this one is trained
+  run --config=configs/lcd_imagenet64.py:teacher --workdir=$RUNS/$1 --config.data.folder=$IMAGENET64 ;;
+lcd_imagenet64)
+  run --config=configs/lcd_imagenet64.py --workdir=$RUNS/$1 --config.data.folder=$IMAGENET64 \
+    --config.training.teacher_checkpoint=$RUNS/lcd_imagenet64_teacher/checkpoints $LPIPS ;;
 # --- Sampling and evaluating any of the above (the config's settings; FID with pytorch-fid's net) ---
 sample) shift; run --mode=sample "$@" ;;
 eval) shift; run --mode=eval --config.eval.inception_path=$INCEPTION "$@" ;;
@@ -94,7 +104,8 @@ all)  # every line above (with --check: validates every paper and digits experim
       cd_lsun_bedroom256_lpips ct_lsun_bedroom256 cd_lsun_cat256_l2 cd_lsun_cat256_lpips \
       ct_lsun_cat256 ict_cifar10 ict_imagenet64 ect_cifar10 ect_imagenet64 scm_cifar10_teacher \
       scm_cifar10_sct scm_cifar10_scd scm_imagenet64_sct scm_imagenet64_scd \
-      continuous_cifar10_cd-l2 continuous_cifar10_cd-l2-stopgrad continuous_cifar10_ct-l2; do
+      continuous_cifar10_cd-l2 continuous_cifar10_cd-l2-stopgrad continuous_cifar10_ct-l2 \
+      lcd_digits lcd_imagenet64_teacher lcd_imagenet64; do
     CHECK=$CHECK bash "$0" "$name"
   done ;;
 *)
@@ -102,5 +113,6 @@ all)  # every line above (with --check: validates every paper and digits experim
   echo "          cd_lsun_bedroom256_{l2,lpips}|ct_lsun_bedroom256|cd_lsun_cat256_{l2,lpips}|ct_lsun_cat256|"
   echo "          successors_digits|ict_{cifar10,imagenet64}|ect_{cifar10,imagenet64}|scm_cifar10_teacher|"
   echo "          scm_{cifar10,imagenet64}_{sct,scd}|continuous_cifar10_{cd-l2,cd-l2-stopgrad,ct-l2}|"
+  echo "          lcd_digits|lcd_imagenet64_teacher|lcd_imagenet64|"
   echo "          sample|eval --config=... --workdir=...|all}   (--check NAME|all: validate only)" ;;
 esac

@@ -32,6 +32,9 @@ def _model() -> ml_collections.ConfigDict:
     m.attention_impl = "plain"  # plain (jvp-safe einsum) | xla | cudnn | none=auto (fused)
     m.remat = "none"  # backward pass recomputes the network: none | dots (keeps conv/matmul) | full
     m.null_label = False  # class-conditional: one more label row, data.num_classes = no label (CFG)
+    # > 0: the student takes LCM's guidance scale w (guided_cd): sinusoidal features of this size
+    # (LCM: 256), projected by a zero-initialised Dense into the noise features (UNet, ADM).
+    m.guidance_embed_dim = 0
     m.unet = ml_collections.ConfigDict()
     m.unet.channels = 32  # base width
     m.unet.channel_mult = (1, 2)  # width multiplier per resolution level
@@ -85,6 +88,11 @@ def _training() -> ml_collections.ConfigDict:
     t.lpips_resize = 224  # LPIPS: upsample images below 256 px to this size first (0 = never)
     t.weighting = "uniform"  # uniform | snr | snr+1 | karras | truncated-snr | ict (1/(t - t2))
     t.solver = "heun"  # CD teacher ODE step: heun | euler
+    t.skip_steps = 1  # cd/ct/guided_cd: pairs (t_i, t_{i+k}) of the N grid, one teacher step (LCM)
+    # guided_cd: w ~ U[guidance_min, guidance_max] per example, LCM's convention: the teacher is
+    # D(y) + w (D(y) - D(null)), i.e. the usual guidance scale 1 + w (w = 0: conditional teacher).
+    t.guidance_min = 0.0
+    t.guidance_max = 4.0
     t.target_ema_mode = "fixed"  # fixed | adaptive (mu(k))
     t.scale_mode = "fixed"  # fixed | progressive (N(k)) | exponential (iCT N(k)); PD: progdist
     t.start_ema = 0.95  # mu (fixed) or mu0 (adaptive)
@@ -143,6 +151,9 @@ def _sampling() -> ml_collections.ConfigDict:
     s.teacher_steps = 18  # EDM models: Heun grid size N (2N-1 network evaluations)
     s.clip_denoised = True  # clamp every denoised output to [-1, 1] (as the references)
     s.class_label = -1  # class-conditional: -1 draws labels at random, else this class
+    # LCM's w (usual scale 1 + w): guided_cd students' w input; EDM teachers with null_label
+    # sample the guided ODE D(y) + w (D(y) - D(null)) (CFG). 0: the conditional model.
+    s.guidance = 0.0
     s.checkpoint_step = -1  # --mode=sample: checkpoint step (-1 = latest)
     s.ema_index = 0  # --mode=sample: which EMA copy
     s.seed = 0  # sample k's noise comes from fold_in(seed, k)

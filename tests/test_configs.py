@@ -23,10 +23,10 @@ PAPER = [n for n in NAMES if not n.endswith("digits") and n != "test"]
 # The CM paper's experiments run one real step on mock data of their own dataset (~20-50 s each
 # on CI). Its successors' (iCT, ECT, sCM, continuous-time) only trace one step and the sampler on
 # digits-sized inputs (seconds); their numerics train on the digits configs in test_variants.py.
-SUCCESSORS = [n for n in PAPER if n.split("_")[0] in ("ict", "ect", "scm", "continuous")]
+SUCCESSORS = [n for n in PAPER if n.split("_")[0] in ("ict", "ect", "scm", "continuous", "lcd")]
 ORIGINAL = [n for n in PAPER if n not in SUCCESSORS]
 SUCCESSOR_VARIANTS = [(n, None) for n in SUCCESSORS] + [
-    ("scm_cifar10", "teacher"), ("continuous_cifar10", "ct-l2"),
+    ("scm_cifar10", "teacher"), ("continuous_cifar10", "ct-l2"), ("lcd_imagenet64", "teacher"),
 ]  # fmt: skip
 
 
@@ -198,7 +198,9 @@ def test_successor_config_traces_one_step_and_sampler(name, arg):
     network, tx = networks.build_network(config), train_state.optimizer(config)
     mesh = sharding.make_mesh()
     state = update.abstract_state(config, network, tx, mesh)
-    teacher = state.params if _needs_teacher(config) else None
+    teacher = None
+    if _needs_teacher(config):  # a guided student's teacher has no w input
+        teacher = sample.abstract_params(config, network.unguided())
     step = update.train_step_for(config, network, tx, mesh)
     batch = {
         "image": jax.ShapeDtypeStruct((1, 8, 8, 8, 1), jnp.float32),
@@ -241,3 +243,32 @@ def test_lpips_pool_and_sampled_ema_follow_the_reference_lineage(name, arg):
     want = rates.index(_paper.PAPER_EMA) if _paper.PAPER_EMA in rates else 0
     for section in (config.sampling, config.eval, config.edit):
         assert section.ema_index == want and section.ema_index < len(rates), name
+
+
+def test_lcd_digits_teacher_then_guided_student_one_step_each(tmp_path):
+    """The class-conditional teacher with label dropout (sampled with CFG), then the guided
+    student from its checkpoint: one real step each on the digits; the student starts as the
+    teacher plus a zero guidance projection and samples at any w through the pipeline."""
+    from consistency.experiment.pipeline import ConsistencyPipeline
+
+    runs = {}
+    for variant in ("teacher", "student"):
+        config = _reduce(_load("lcd_digits", variant))
+        config.model.unet.update(channels=8, channel_mult=(1,), attn_resolutions=())
+        config.eval.every_steps = 0
+        if variant == "student":
+            config.training.teacher_checkpoint = str(runs["teacher"] / "checkpoints")
+        runs[variant] = tmp_path / variant
+        state = train.train_and_evaluate(config, str(runs[variant]))
+        assert int(state.step) == 1 and (runs[variant] / "samples" / "grid_0000001.png").exists()
+    network, tx = networks.build_network(config), train_state.optimizer(config)
+    teacher, _, _ = checkpoints.load_params(runs["teacher"] / "checkpoints", ema_index=0)
+    start = update.init_state(config, network, tx, sharding.make_mesh(), teacher).params
+    assert not np.any(np.asarray(start.pop("guidance_proj")["Dense_0"]["kernel"]))
+    for got, want in zip(jax.tree.leaves(start), jax.tree.leaves(teacher), strict=True):
+        np.testing.assert_array_equal(got, want)
+    pipe = ConsistencyPipeline.from_workdir(runs["student"])
+    images = pipe(batch_size=3, guidance_scale=3.0, output_type="np", seed=1)
+    assert images.shape == (3, 8, 8, 1) and np.isfinite(images).all()
+    labels = pipe._labels(None, jax.random.key(0), np.arange(512))
+    assert labels.max() == 9  # never the null class 10

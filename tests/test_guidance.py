@@ -123,3 +123,63 @@ def test_label_dropout_rate_on_a_batch():
         # binomial standard error sqrt(p (1-p)/n) <= 0.0036: 5 of them.
         assert abs(is_null.mean() - rate) < 0.018, (rate, is_null.mean())
         np.testing.assert_array_equal(np.asarray(dropped)[~is_null], np.asarray(y)[~is_null])
+
+
+# ---- the guided CD row on a real (tiny) UNet: teacher step and student input ----
+
+
+def _guided_setup():
+    from configs import lcd_digits
+    from consistency.experiment import methods, networks
+
+    config = lcd_digits.get_config("student")
+    config.model.unet.update(channels=8, channel_mult=(1,), attn_resolutions=())
+    config.model.guidance_embed_dim = W_DIM
+    network = networks.build_network(config)
+    y = jnp.array([3, 7])
+    params = network.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), y)
+    # Random weights everywhere but the projection (the output conv is zero-initialised).
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(9), len(leaves))
+    noisy = [v + 0.1 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys, strict=True)]
+    params = {**jax.tree.unflatten(tree, noisy), "guidance_proj": params["guidance_proj"]}
+    teacher = {k: v for k, v in params.items() if k != "guidance_proj"}
+    return config, network, params, teacher, y, methods, networks
+
+
+def test_guided_teacher_step_at_w_zero_is_the_unguided_step():
+    from consistency.core import ode
+
+    config, network, _, teacher, y, methods, networks = _guided_setup()
+    fns, method = networks.model_fns(network, config), methods.from_config(config)
+    denoise = fns.teacher_denoiser()
+    x = 20.0 * jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    t, t2 = jnp.array([20.0, 3.0]), jnp.array([15.0, 2.0])
+    plain = ode.heun_step(lambda x, s: denoise(teacher, x, s, y, None), x, t, t2)
+    zero = method.guided_teacher(denoise, teacher, y, jnp.zeros(2))
+    np.testing.assert_allclose(ode.heun_step(zero, x, t, t2), plain, rtol=0, atol=1e-5)
+    # w = 2: LCM's cond + w (cond - uncond) of two separate calls, the null class 10.
+    null = jnp.full_like(y, 10)
+    cond, uncond = denoise(teacher, x, t, y, None), denoise(teacher, x, t, null, None)
+    got = method.guided_teacher(denoise, teacher, y, jnp.full(2, 2.0))(x, t)
+    np.testing.assert_allclose(got, cond + 2.0 * (cond - uncond), rtol=0, atol=1e-5)
+    assert float(jnp.max(jnp.abs(cond - uncond))) > 1e-3  # the null class is another input
+
+
+def test_student_output_depends_on_w_only_through_the_embedding():
+    config, network, params, teacher, y, _, networks = _guided_setup()
+    f = networks.model_fns(network, config).consistency
+    f_teacher = networks.model_fn(network.unguided(), config, "consistency")
+    x, s = jax.random.normal(jax.random.key(2), (2, 8, 8, 1)), jnp.array([5.0, 0.5])
+    at = lambda p, w: f(p, x, s, y, None, guidance=jnp.full(2, w))
+    base = f_teacher(teacher, x, s, y, None)
+    np.testing.assert_array_equal(at(params, 0.0), base)  # zero projection: the teacher
+    np.testing.assert_array_equal(at(params, 4.0), base)
+    kernel = params["guidance_proj"]["Dense_0"]["kernel"]
+    live = {**params, "guidance_proj": {"Dense_0": {"kernel": 0.1 + 0 * kernel}}}
+    assert float(jnp.max(jnp.abs(at(live, 0.0) - at(live, 4.0)))) > 1e-3
+    with pytest.raises(ValueError, match="pass w"):
+        f(params, x, s, y, None)
+    start = networks.student_from_teacher(network, params, teacher)
+    assert jax.tree.structure(start) == jax.tree.structure(params)
+    assert not np.any(np.asarray(start["guidance_proj"]["Dense_0"]["kernel"]))

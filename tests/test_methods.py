@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from consistency.core import distances, losses, ode, parameterization
+from consistency.core import distances, losses, ode, parameterization, schedules
 from consistency.experiment import edit, methods, networks, sample, spec, train_state, update
 from consistency.io import sharding
 
@@ -27,6 +27,7 @@ PROPERTIES = {
     "ct_continuous": (False, False, "consistency"),
     "sct": (False, False, "consistency"),
     "scd": (True, False, "consistency"),
+    "guided_cd": (True, True, "consistency"),
     "vae": (False, False, "autoencoder"),
 }
 BATCH = 4
@@ -37,17 +38,20 @@ def _config(loss: str):
     config.training.loss = loss
     if loss in ("sct", "scd"):
         config.model.update(parameterization="trigflow", logvar_features=8)
-    if loss == "vae":
-        config.model.name = "autoencoder_kl"
     if loss == "pd":
         config.training.update(start_scales=4, distill_steps_per_iter=2)
+    if loss == "vae":
+        config.model.name = "autoencoder_kl"
+    if loss == "guided_cd":
+        config.data.update(class_conditional=True, num_classes=10)
+        config.model.update(null_label=True, guidance_embed_dim=8)
     return config
 
 
 def _fns(scale: float = 0.9):
     """Closed-form model functions: f = D = scale * x (params: a scalar multiplier)."""
 
-    def model(params, x, sigma, y, key):
+    def model(params, x, sigma, y, key, guidance=None):
         return params * scale * x
 
     def autoencode(params, x, key):  # D(z) = params * scale * x, KL = |x|^2
@@ -273,3 +277,127 @@ def test_no_jitted_function_closes_over_the_config(monkeypatch):
     assert len(jitted) >= 4
     found = [getattr(fn, "__qualname__", repr(fn)) for fn in jitted if _reaches_config(fn)]
     assert not found, f"jitted functions that close over the config: {found}"
+
+
+# ---- skip-step pairs (LCM) and guided CD ----
+
+
+def _cd_loss_before_skip_steps(fns, params, target, teacher, x0, key, *, num_scales, m):
+    """CD as consistency_distillation_loss computed it before training.skip_steps existed."""
+    k_idx, k_z, k_drop = jax.random.split(key, 3)
+    index = jax.random.randint(k_idx, (x0.shape[0],), 0, jnp.asarray(num_scales, jnp.int32) - 1)
+    grid = dict(sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho)
+    t = schedules.karras_sigma(index, num_scales, **grid)
+    t2 = schedules.karras_sigma(index + 1, num_scales, **grid)
+    z = jax.random.normal(k_z, x0.shape, jnp.float32)
+    return losses.consistency_loss_at(
+        lambda p, x, s, k: fns.consistency(p, x, s, None, k),
+        params,
+        target,
+        lambda x_t, t, t2, x0, z: ode.heun_step(
+            lambda x, s: fns.denoiser(teacher, x, s, None, None), x_t, t, t2
+        ),
+        x0,
+        t,
+        t2,
+        z,
+        k_drop,
+        distance=distances.l2,
+        weighting=parameterization.get_weighting("uniform"),
+    )
+
+
+def test_skip_one_is_the_cd_loss_bit_for_bit():
+    config = _config("cd")
+    assert config.training.skip_steps == 1
+    method = methods.from_config(config)
+    fns, batch, step = _fns(), _batch(), jnp.int32(5)
+    for seed in range(3):
+        key = jax.random.key(seed)
+        got, _ = method.loss(fns, distances.l2, 1.0, 0.5, 2.0, batch, key, step)
+        n = method.schedule(step)[1]
+        want = _cd_loss_before_skip_steps(
+            fns, 1.0, 0.5, 2.0, batch["image"], key, num_scales=n, m=config.model
+        )
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("loss", ["cd", "ct"])
+def test_skip_k_draws_pairs_k_grid_points_apart(loss):
+    n, k, b = 40, 7, 2048
+    config = _config(loss)
+    config.training.update(
+        scale_mode="fixed", target_ema_mode="fixed", start_scales=n, end_scales=n, skip_steps=k
+    )
+    method = methods.from_config(config)
+    seen = []
+
+    def sigma_as_output(params, x, sigma, y, key, guidance=None):
+        return jnp.broadcast_to(parameterization.broadcast_to(sigma, x), x.shape)
+
+    fns = methods.ModelFns(consistency=sigma_as_output, denoiser=_fns().denoiser, raw=None)
+    record = lambda a, b: (seen.append((a[:, 0, 0, 0], b[:, 0, 0, 0])), distances.l2(a, b))[1]
+    batch = {"image": jnp.zeros((b, 1, 1, 1)), "label": jnp.zeros((b,), jnp.int32)}
+    _, aux = method.loss(fns, record, 1.0, 1.0, 1.0, batch, jax.random.key(3), jnp.int32(0))
+    (online, target) = seen[0]
+    index = np.asarray(aux["index"])
+    m = config.model
+    grid = dict(sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho)
+    assert index.min() == 0 and index.max() == n - 1 - k  # every start, none past the grid
+    np.testing.assert_array_equal(online, schedules.karras_sigma(index, n, **grid))
+    np.testing.assert_array_equal(target, schedules.karras_sigma(index + k, n, **grid))
+    np.testing.assert_array_equal(aux["sigma"], online)
+
+
+def test_skip_steps_is_checked_against_the_grid_and_the_rows():
+    config = _config("cd")
+    config.training.update(
+        scale_mode="fixed", target_ema_mode="fixed", start_scales=10, end_scales=10, skip_steps=10
+    )
+    assert any("training.skip_steps=10: must be in [1, N - 1]" in p for p in spec.problems(config))
+    config.training.update(skip_steps=3, index_sampling="lognormal")
+    assert any("takes training.index_sampling='uniform'" in p for p in spec.problems(config))
+    config = _config("ect")
+    config.training.skip_steps = 2
+    assert any("training.skip_steps=2: training.loss='ect'" in p for p in spec.problems(config))
+
+
+def test_guided_cd_at_w_zero_is_cd_bit_for_bit_and_draws_w_per_example():
+    config = _config("guided_cd")
+    config.training.update(guidance_min=0.0, guidance_max=0.0)
+    guided, plain = methods.from_config(config), methods.from_config(_config("cd"))
+    fns, batch, key, step = _fns(), _batch(), jax.random.key(4), jnp.int32(5)
+    got, aux = guided.loss(fns, distances.l2, 1.0, 0.5, 2.0, batch, key, step)
+    want, _ = plain.loss(fns, distances.l2, 1.0, 0.5, 2.0, batch, key, step)
+    np.testing.assert_array_equal(got, want)
+    assert np.all(np.asarray(aux["w"]) == 0)
+    config.training.update(guidance_min=1.0, guidance_max=5.0)
+    method, n = methods.from_config(config), 4096
+    per_example = update.per_example_loss(functools.partial(method.loss, fns, distances.l2))
+    images = {"image": jnp.zeros((n, 2, 2, 1)), "label": jnp.zeros((n,), jnp.int32)}
+    index = jnp.arange(n, dtype=jnp.uint32)
+    _, aux = per_example(1.0, 1.0, 1.0, images, key, step, index)
+    w = np.asarray(aux["w"])
+    assert w.min() >= 1.0 and w.max() <= 5.0 and len(np.unique(w)) > n - 8  # float32 ties
+    assert abs(w.mean() - 3.0) < 5 * (4.0 / np.sqrt(12 * n)), w.mean()
+
+
+def test_guided_cd_config_checks():
+    config = _config("guided_cd")
+    config.model.guidance_embed_dim = 0
+    assert any("needs model.guidance_embed_dim > 0" in p for p in spec.problems(config))
+    config = _config("guided_cd")
+    config.model.null_label = False
+    assert any("model.null_label" in p for p in spec.problems(config))
+    config = _config("guided_cd")
+    config.training.update(guidance_min=3.0, guidance_max=1.0)
+    assert any("give w_min <= w_max" in p for p in spec.problems(config))
+    config = _config("cd")
+    config.model.guidance_embed_dim = 8
+    assert any("model.guidance_embed_dim=8: training.loss='cd'" in p for p in spec.problems(config))
+    config = _config("cd")
+    config.sampling.guidance = 2.0
+    assert any("sampling.guidance=2.0: needs a guided student" in p for p in spec.problems(config))
+    config = _config("edm")
+    config.sampling.guidance = 2.0
+    assert any("sampling.guidance=2.0: needs model.null_label" in p for p in spec.problems(config))

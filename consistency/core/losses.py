@@ -106,12 +106,18 @@ def _discrete_consistency_loss(
     num_scales,
     grid,
     index_sampler,
+    skip: int = 1,
     **kw,
 ) -> tuple[jax.Array, Metrics]:
+    """Pairs (t_i, t_{i+k}) of the N-point grid, k = skip: i ~ U{0, ..., N-1-k} (or the sampler).
+
+    The index is drawn as for N - k + 1 points, so skip = 1 draws exactly as before.
+    """
     k_idx, k_z, k_drop = jax.random.split(key, 3)
-    index = (index_sampler or sample_train_indices)(k_idx, x0.shape[0], num_scales)
+    pairs = num_scales if skip == 1 else num_scales - (skip - 1)
+    index = (index_sampler or sample_train_indices)(k_idx, x0.shape[0], pairs)
     t = karras_sigma(index, num_scales, **grid)
-    t2 = karras_sigma(index + 1, num_scales, **grid)
+    t2 = karras_sigma(index + skip, num_scales, **grid)
     z = jax.random.normal(k_z, x0.shape, jnp.float32)
     losses = consistency_loss_at(
         consistency_fn, params, target_params, teacher_step, x0, t, t2, z, k_drop, **kw
@@ -135,10 +141,12 @@ def consistency_distillation_loss(
     sigma_max: float = SIGMA_MAX,
     rho: float = RHO,
     index_sampler: IndexSampler | None = None,
+    skip: int = 1,
 ) -> tuple[jax.Array, Metrics]:
     """L_CD^N: lambda(t_i) d(f_theta(x_{t_i}, t_i), f_theta-(x^phi_{t_{i+1}}, t_{i+1})).
 
-    i ~ U{0, ..., N-2}, or `index_sampler` (e.g. iCT's discretised lognormal).
+    i ~ U{0, ..., N-2}, or `index_sampler` (e.g. iCT's discretised lognormal). skip = k > 1:
+    the pair (t_i, t_{i+k}), which the teacher crosses in ONE solver step (LCM's skipping step).
 
     x^phi_{t_{i+1}} is one `solver` step (Heun or Euler, from `ode`) of the frozen EDM teacher
     `teacher_denoise(x, sigma)` from x_{t_i} = x0 + t_i z.
@@ -160,6 +168,7 @@ def consistency_distillation_loss(
         distance=distance,
         weighting=weighting,
         index_sampler=index_sampler,
+        skip=skip,
     )
 
 
@@ -177,12 +186,14 @@ def consistency_training_loss(
     sigma_max: float = SIGMA_MAX,
     rho: float = RHO,
     index_sampler: IndexSampler | None = None,
+    skip: int = 1,
 ) -> tuple[jax.Array, Metrics]:
     """L_CT^N: lambda(t_i) d(f_theta(x0 + t_i z, t_i), f_theta-(x0 + t_{i+1} z, t_{i+1})).
 
     The teacher is replaced by the data point x0 (the unbiased score estimate), so the target's
     input is x0 + t_{i+1} z with the same z. iCT is this loss with target_params = params,
-    lognormal indices, the 'ict' weighting and the pseudo-Huber distance.
+    lognormal indices, the 'ict' weighting and the pseudo-Huber distance. skip = k > 1: the
+    pair (t_i, t_{i+k}).
     """
 
     def data_step(x_t, t, t2, x0, z):
@@ -201,6 +212,7 @@ def consistency_training_loss(
         distance=distance,
         weighting=weighting,
         index_sampler=index_sampler,
+        skip=skip,
     )
 
 

@@ -19,13 +19,16 @@ class SamplerSpec:
 
     consistency: Algorithm 1 at `sigmas` (one step: (sigma_max,)); heun: an EDM model by Heun on
     a `steps`-point Karras grid (2 steps - 1 evaluations); progressive: a PD student's `steps`
-    Euler steps on its ramp, then its denoiser at sigma_min (steps + 1 evaluations).
+    Euler steps on its ramp, then its denoiser at sigma_min (steps + 1 evaluations). guidance:
+    LCM's w, the input of a guided consistency model or the CFG scale of a heun teacher with a
+    null class (None: the model takes none).
     """
 
     kind: str = "consistency"
     sigmas: tuple[float, ...] = (SIGMA_MAX,)
     steps: int = 0
     clip_denoised: bool = True
+    guidance: float | None = None
 
     def __post_init__(self):
         if self.kind not in SAMPLER_KINDS:

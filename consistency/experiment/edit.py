@@ -46,7 +46,7 @@ def make_edit_fn(config, network: networks.Network):
     """jitted fn(params, images, mask, labels, ids) -> (edited, reference) for edit.task."""
     e, m = config.edit, config.model
     task, p, noise_sigma = e.task, e.patch_size, e.noise_sigma
-    cm = networks.model_fn(network, config, "consistency")
+    cm = _consistency_fn(config, network)
     sampler, key = spec.edit_sampler(config), jax.random.key(e.seed)
     sigmas = np.asarray(sampler.sigmas, np.float32)
     levels = dict(sigma_min=m.sigma_min, sigma_max=m.sigma_max)
@@ -68,6 +68,15 @@ def make_edit_fn(config, network: networks.Network):
     return jax.jit(fn)
 
 
+def _consistency_fn(config, network: networks.Network):
+    """f(params, x, sigma, y, key); a guided student edits at w = sampling.guidance."""
+    cm = networks.model_fn(network, config, "consistency")
+    w = spec.sampling_guidance(config)
+    if w is None:
+        return cm
+    return lambda p, x, s, y, k: cm(p, x, s, y, k, guidance=jnp.full(x.shape[:1], w, jnp.float32))
+
+
 def _batched(fn, batch: int, *arrays):
     """fn over slices of `batch` (the last one padded, then cut): one compiled shape."""
     n, outs = len(arrays[0]), []
@@ -80,7 +89,7 @@ def _batched(fn, batch: int, *arrays):
 def _interpolate(config, network, params):
     """Pairs of latents z0, z1 (fold_in(seed, pair)) and f(T slerp(z0, z1, a)) along a."""
     e, d = config.edit, config.data
-    cm = networks.model_fn(network, config, "consistency")
+    cm = _consistency_fn(config, network)
     ids, sigma_max = np.arange(e.num_pairs), config.model.sigma_max
     shape, key = (d.image_size, d.image_size, d.num_channels), jax.random.key(e.seed)
     alphas = jnp.linspace(0.0, 1.0, e.num_interpolations)

@@ -32,6 +32,12 @@ class ModelFns:
     raw: Callable  # F_theta(params, x_in, c_noise, y, key): the bare network (sCM)
     log_weight: Callable | None = None  # (params, c_noise) -> sCM's learned weighting w
     autoencode: Callable | None = None  # (params, x, key) -> (D(z), KL [B]): an autoencoder
+    # D of the teacher's network when it differs from the student's (a guided student's teacher
+    # has no w input); None: `denoiser`.
+    teacher: Callable | None = None
+
+    def teacher_denoiser(self) -> Callable:
+        return self.denoiser if self.teacher is None else self.teacher
 
 
 class Method:
@@ -43,6 +49,8 @@ class Method:
     # model.parameterization values it trains (TrigFlow: one form for denoiser and f_theta).
     parameterizations: ClassVar[tuple[str, ...]] = ("edm", "trigflow")
     needs_logvar: ClassVar[bool] = False  # sCM's learned weighting (model.logvar_features > 0)
+    guided: ClassVar[bool] = False  # the student takes LCM's guidance scale w (embedded)
+    takes_skip: ClassVar[bool] = False  # training.skip_steps: pairs k points apart on the grid
     # training.distance values it takes (() = it has its own); aliases say what a name means here.
     distances: ClassVar[tuple[str, ...]] = ()
     distance_aliases: ClassVar[dict[str, str]] = {}
@@ -156,6 +164,7 @@ class CT(Method):
 
     name: ClassVar[str] = "ct"
     distances: ClassVar[tuple[str, ...]] = ALL_DISTANCES
+    takes_skip: ClassVar[bool] = True
     grid: NoiseGrid = NoiseGrid()
     schedule_spec: Curriculum = Curriculum()
     weighting: str = "uniform"
@@ -163,6 +172,7 @@ class CT(Method):
     index_sampling: str = "uniform"
     p_mean: float = -1.1  # iCT's lognormal pairs
     p_std: float = 2.0
+    skip_steps: int = 1  # pairs (t_i, t_{i+k}) of the N-point grid (LCM's skipping step)
 
     @property
     def curriculum(self) -> Curriculum:
@@ -198,6 +208,7 @@ class CT(Method):
             distance=distance,
             index_sampler=self.index_sampler(),
             weighting=_weighting(self.weighting, self.sigma_data),
+            skip=self.skip_steps,
             **self.grid.kwargs(),
         )
 
@@ -223,14 +234,27 @@ class CT(Method):
                 f"training.scale_mode='progdist' is progressive distillation's curriculum; "
                 f"use training.loss='pd' (not {cls.name!r})"
             )
+        curriculum = _curriculum(config)
+        first_n = int(curriculum(jnp.int32(0))[1])  # N(k) only grows: the smallest grid
+        if t.skip_steps > 1 and t.index_sampling != "uniform":
+            raise ValueError(
+                f"training.skip_steps={t.skip_steps} takes training.index_sampling='uniform' "
+                f"(not {t.index_sampling!r}); or set training.skip_steps=1"
+            )
+        if not 1 <= t.skip_steps < first_n:
+            raise ValueError(
+                f"training.skip_steps={t.skip_steps}: must be in [1, N - 1] for the smallest grid "
+                f"N = {first_n} (training.start_scales); lower it or raise the grid size"
+            )
         return dict(
             grid=noise_grid(config),
-            schedule_spec=_curriculum(config),
+            schedule_spec=curriculum,
             weighting=t.weighting,
             sigma_data=config.model.sigma_data,
             index_sampling=t.index_sampling,
             p_mean=t.p_mean,
             p_std=t.p_std,
+            skip_steps=t.skip_steps,
         )
 
     @classmethod
@@ -252,7 +276,7 @@ class CD(CT):
             lambda p, x, s, k: fns.consistency(p, x, s, y, k),
             params,
             self._target(params, target_params),
-            lambda x, s: fns.denoiser(teacher_params, x, s, y, None),
+            lambda x, s: fns.teacher_denoiser()(teacher_params, x, s, y, None),
             ode.get_solver(self.solver),
             batch["image"],
             key,
@@ -262,6 +286,82 @@ class CD(CT):
     @classmethod
     def from_config(cls, config):
         return cls(**cls._fields(config), solver=config.training.solver)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidedCD(CD):
+    """Guided CD (LCM, Luo et al. 2023): CD on the classifier-free-guided PF-ODE, w embedded.
+
+    Per example w ~ U[w_min, w_max]; the teacher step (Heun/Euler, `skip_steps` grid points at
+    once) runs on D_w = D(x, s, y) + w (D(x, s, y) - D(x, s, null)), LCM's convention (the
+    usual guidance scale is 1 + w; w = 0: the conditional teacher). Guiding D guides x0 and eps
+    alike, as LCM does. The student and its EMA target f(x, t, y, w) see the same w.
+    """
+
+    name: ClassVar[str] = "guided_cd"
+    guided: ClassVar[bool] = True
+    w_min: float = 0.0
+    w_max: float = 0.0
+    null_class: int = -1
+
+    def guided_teacher(self, denoise: Callable, teacher_params, y, w) -> Callable:
+        """(x, s) -> D_w: the conditional and null-class calls batched into one."""
+        null = jnp.full_like(y, self.null_class)
+
+        def fn(x, s):
+            s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), x.shape[:1])
+            twice = lambda a, b: jnp.concatenate([a, b])
+            both = denoise(teacher_params, twice(x, x), twice(s, s), twice(y, null), None)
+            cond, uncond = jnp.split(both, 2)
+            return guidance.guided_lcm(cond, uncond, w=w)
+
+        return fn
+
+    def sample_w(self, key, batch: int) -> jax.Array:
+        """w ~ U[w_min, w_max] per example, from a key of its own (the pairs draw as CD's)."""
+        k_w = jax.random.fold_in(key, 0x6C3)
+        return jax.random.uniform(k_w, (batch,), minval=self.w_min, maxval=self.w_max)
+
+    def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
+        y = batch["label"]
+        w = self.sample_w(key, y.shape[0])
+        per, metrics = losses.consistency_distillation_loss(
+            lambda p, x, s, k: fns.consistency(p, x, s, y, k, guidance=w),
+            params,
+            self._target(params, target_params),
+            self.guided_teacher(fns.teacher_denoiser(), teacher_params, y, w),
+            ode.get_solver(self.solver),
+            batch["image"],
+            key,
+            **self._kwargs(distance, step),
+        )
+        return per, {**metrics, "w": w}
+
+    @classmethod
+    def from_config(cls, config):
+        t, d, m = config.training, config.data, config.model
+        if not (d.class_conditional and m.null_label):
+            raise ValueError(
+                "training.loss='guided_cd' needs data.class_conditional and model.null_label "
+                "(a teacher trained with training.label_dropout > 0)"
+            )
+        if m.guidance_embed_dim < 1:
+            raise ValueError(
+                "training.loss='guided_cd' needs model.guidance_embed_dim > 0 (the student's w "
+                "input; LCM: 256)"
+            )
+        if not t.guidance_min <= t.guidance_max:
+            raise ValueError(
+                f"training.guidance_min={t.guidance_min} > training.guidance_max="
+                f"{t.guidance_max}: give w_min <= w_max"
+            )
+        return cls(
+            **cls._fields(config),
+            solver=t.solver,
+            w_min=t.guidance_min,
+            w_max=t.guidance_max,
+            null_class=d.num_classes,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -539,7 +639,7 @@ class VAE(Method):
 
 # The table: training.loss -> its row.
 METHODS: dict[str, type[Method]] = {
-    row.name: row for row in (EDM, CD, CT, PD, ECT, CDContinuous, CTContinuous, SCT, SCD)
+    row.name: row for row in (EDM, CD, CT, PD, ECT, CDContinuous, CTContinuous, SCT, SCD, GuidedCD)
 }
 METHODS[VAE.name] = VAE  # the autoencoder of latent models (latent.vae), sampled by no mode
 LOSSES = tuple(METHODS)
@@ -596,6 +696,16 @@ def problems(config) -> list[str]:
         out.append(
             f"training.weighting: unknown {t.weighting!r}; choose one of "
             f"{parameterization.WEIGHTINGS}"
+        )
+    if m.guidance_embed_dim > 0 and not cls.guided:
+        out.append(
+            f"model.guidance_embed_dim={m.guidance_embed_dim}: training.loss={t.loss!r} does not "
+            "train a guided student; set it to 0 (or training.loss='guided_cd')"
+        )
+    if t.skip_steps != 1 and not cls.takes_skip:
+        out.append(
+            f"training.skip_steps={t.skip_steps}: training.loss={t.loss!r} has no grid pairs to "
+            "skip (only cd, ct and guided_cd); set it to 1"
         )
     if t.solver not in ode.SOLVERS:
         out.append(f"training.solver: unknown {t.solver!r}; choose one of {ode.SOLVERS}")

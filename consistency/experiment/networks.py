@@ -50,30 +50,42 @@ class Network:
     # sCM's learned weighting w(c_noise); with it, params are {'net': ..., 'logvar': ...}.
     logvar: nn.Module | None = None
     remat: str = "none"  # a key of REMAT_POLICIES: rematerialisation of the whole network
+    guided: bool = False  # takes LCM's guidance scale w [B] (model.guidance_embed_dim > 0)
 
-    def apply(self, params, x_in, c_noise, y, dropout_key):
-        """F(x_in, c_noise[, y]); dropout is active exactly when a dropout key is given."""
+    def apply(self, params, x_in, c_noise, y, dropout_key, guidance=None):
+        """F(x_in, c_noise[, y][, w]); dropout is active exactly when a dropout key is given.
+
+        guidance: w [B], given exactly when the network is guided."""
         params = params["net"] if self.logvar is not None else params
         train = dropout_key is not None
         rngs = {"dropout": dropout_key} if train else {}
 
-        def run(params, x_in, c_noise, y, rngs):
-            if self.takes_labels:
-                return self.module.apply(
-                    {"params": params}, x_in, c_noise, y, train=train, rngs=rngs
-                )
-            return self.module.apply({"params": params}, x_in, c_noise, train=train, rngs=rngs)
+        def run(params, x_in, c_noise, y, rngs, guidance):
+            args = (x_in, c_noise, y) if self.takes_labels else (x_in, c_noise)
+            kw = {"guidance": guidance} if self.guided else {}
+            return self.module.apply({"params": params}, *args, train=train, rngs=rngs, **kw)
 
+        if self.guided and guidance is None:
+            raise ValueError("this network is guided (model.guidance_embed_dim > 0): pass w")
         if self.remat != "none":
             run = jax.checkpoint(run, policy=REMAT_POLICIES[self.remat])
-        return run(params, x_in, c_noise, y, rngs)
+        return run(params, x_in, c_noise, y, rngs, guidance)
+
+    def unguided(self) -> "Network":
+        """The same network without the guidance input: the guided student's teacher."""
+        if not self.guided:
+            return self
+        return dataclasses.replace(
+            self, module=self.module.clone(guidance_embed_dim=0), guided=False
+        )
 
     def init(self, key, x, y):
         if isinstance(self.module, AutoencoderKL):
             return self.module.init({"params": key}, x)["params"]
         c = jnp.zeros(x.shape[:1], jnp.float32)
         args = (x, c, y) if self.takes_labels else (x, c)
-        net = self.module.init({"params": key}, *args, train=False)["params"]
+        kw = {"guidance": c} if self.guided else {}
+        net = self.module.init({"params": key}, *args, train=False, **kw)["params"]
         if self.logvar is None:
             return net
         logvar = self.logvar.init({"params": jax.random.fold_in(key, 1)}, c)["params"]
@@ -132,12 +144,21 @@ def _network(config: ml_collections.ConfigDict) -> Network:
         )
         return Network(module, "none", takes_labels=False)
     common = dict(dropout=m.dropout, dtype=dtype, attention_impl=impl)
+    w_dim = m.guidance_embed_dim  # > 0: LCM's guidance-scale input (a guided CD student)
     if name == "unet":
-        module = UNet(out_channels=d.num_channels, num_classes=num_classes, **m.unet, **common)
-        return Network(module, "adm", takes_labels=True)
+        module = UNet(
+            out_channels=d.num_channels,
+            num_classes=num_classes,
+            guidance_embed_dim=w_dim,
+            **m.unet,
+            **common,
+        )
+        return Network(module, "adm", takes_labels=True, guided=w_dim > 0)
     if name == "ncsnpp":
         if num_classes:
             raise ValueError("model.name='ncsnpp' has no class conditioning; set class_conditional")
+        if w_dim:
+            raise ValueError("model.name='ncsnpp' takes no guidance: model.guidance_embed_dim=0")
         return Network(NCSNpp(**m.ncsnpp, **common), "ncsnpp", takes_labels=False)
     a = m.adm
     module = ADMUNet(
@@ -151,14 +172,16 @@ def _network(config: ml_collections.ConfigDict) -> Network:
         num_head_channels=a.num_head_channels,
         use_scale_shift_norm=a.use_scale_shift_norm,
         resblock_updown=a.resblock_updown,
+        guidance_embed_dim=w_dim,
         **common,
         dropout_min_ds=d.image_size // a.dropout_resolution if a.dropout_resolution > 0 else 1,
     )
-    return Network(module, "adm", takes_labels=bool(num_classes))
+    return Network(module, "adm", takes_labels=bool(num_classes), guided=w_dim > 0)
 
 
 def model_fn(network: Network, config, kind: str) -> Callable:
-    """fn(params, x, sigma[B], y, dropout_key) -> c_skip x + c_out F: consistency fn or denoiser.
+    """fn(params, x, sigma[B], y, dropout_key, guidance=None) -> c_skip x + c_out F: consistency
+    fn or denoiser; guidance is w [B] of a guided network.
 
     kind 'consistency' uses the boundary-condition scalings, 'edm' the EDM teacher scalings.
     """
@@ -175,8 +198,8 @@ def model_fn(network: Network, config, kind: str) -> Callable:
         scalings = functools.partial(parameterization.trigflow_scalings, sigma_data=m.sigma_data)
         noise_cond = functools.partial(parameterization.trigflow_time, sigma_data=m.sigma_data)
 
-    def fn(params, x, sigma, y, dropout_key):
-        net = lambda x_in, c: network.apply(params, x_in, c, y, dropout_key)
+    def fn(params, x, sigma, y, dropout_key, guidance=None):
+        net = lambda x_in, c: network.apply(params, x_in, c, y, dropout_key, guidance)
         return parameterization.precondition(
             net, x, sigma, scalings=scalings, noise_cond=noise_cond
         )
@@ -185,7 +208,8 @@ def model_fn(network: Network, config, kind: str) -> Callable:
 
 
 def model_fns(network: Network, config) -> methods.ModelFns:
-    """The network as the functions the method table's losses call."""
+    """The network as the functions the method table's losses call (a guided student's teacher
+    is the same network without the guidance input)."""
     if isinstance(network.module, AutoencoderKL):  # training.loss='vae': no noise levels
         return methods.ModelFns(None, None, None, autoencode=network.autoencode)
     return methods.ModelFns(
@@ -193,7 +217,16 @@ def model_fns(network: Network, config) -> methods.ModelFns:
         denoiser=model_fn(network, config, "edm"),
         raw=trigflow_net_fn(network),
         log_weight=network.log_weight if network.logvar is not None else None,
+        teacher=model_fn(network.unguided(), config, "edm") if network.guided else None,
     )
+
+
+def student_from_teacher(network: Network, init_params, teacher_params):
+    """A student's initial params copied from its teacher: the teacher's tree, plus the fresh
+    (zero) guidance projection of a guided student, which so starts as the teacher at every w."""
+    if not network.guided:
+        return teacher_params
+    return {**init_params, **teacher_params}
 
 
 def distance_fn(config, lpips_params=None) -> jax.tree_util.Partial:

@@ -52,7 +52,8 @@ def _teacher_network(config, directory: pathlib.Path) -> list[str]:
         meta = json.loads((directory / str(step) / "meta" / "metadata").read_text())
     except (OSError, ValueError):
         return []  # an unreadable checkpoint: train's restore reports it
-    expected = sample.abstract_params(config, networks.build_network(config))
+    # A guided student's teacher is its network without the guidance input.
+    expected = sample.abstract_params(config, networks.build_network(config).unguided())
     same = meta.get("model") == config.model.name
     if same and meta.get("params") == checkpoints.param_fingerprint(expected):
         return []

@@ -43,13 +43,15 @@ class ConsistencyPipeline:
         default_sigmas: tuple[float, ...] | None = None,
         batch_per_call: int = 64,
         seed: int = 0,
+        guidance: float | None = None,
     ):
         self.network, self.params, self.grid = network, params, grid
+        self.guidance = guidance  # a guided model's default w (LCM's; guidance_scale = 1 + w)
         self.num_train_timesteps, self.image_shape = num_train_timesteps, tuple(image_shape)
         self.num_classes, self.batch_per_call, self.seed = num_classes, batch_per_call, seed
         self.default_sigmas = tuple(default_sigmas or (grid.sigma_max,))
         self._sample = sample.make_consistency_sampler(
-            fns, grid, self.image_shape, clip_denoised=clip_denoised
+            fns, grid, self.image_shape, clip_denoised=clip_denoised, guidance=guidance
         )
         self._placed = {}  # device count -> (mesh, params replicated over it)
 
@@ -86,6 +88,7 @@ class ConsistencyPipeline:
             default_sigmas=spec.sampler(config).sigmas,
             batch_per_call=s.batch_size,
             seed=s.seed,
+            guidance=spec.sampling_guidance(config),
         )
 
     @classmethod
@@ -164,6 +167,7 @@ class ConsistencyPipeline:
         key=None,
         seed: int | None = None,
         output_type: str = "pil",
+        guidance_scale: float | None = None,
     ):
         """batch_size images: a list of PIL images ('pil'), float32 NHWC in [0, 1] ('np'; a
         jax.Array: 'jax') or uint8 NHWC ('uint8').
@@ -173,7 +177,9 @@ class ConsistencyPipeline:
         (x_T = sigma_max z). noise: Algorithm 1's re-noising draws [K-1, B, H, W, C] for K
         noise levels (diffusers also draws a K-th, scaled by ~7e-7: leave it out). Without
         them, image k's z and draws come from fold_in(key, k); key: a jax key, or seed (an int;
-        default the pipeline's seed).
+        default the pipeline's seed). guidance_scale: a guided_cd student's w input as diffusers'
+        LatentConsistencyModelPipeline takes it, w = guidance_scale - 1 (default: the config's
+        sampling.guidance).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: choose one of {OUTPUT_TYPES}")
@@ -197,6 +203,8 @@ class ConsistencyPipeline:
         key = _key(key, seed, self.seed)
         ids = np.arange(batch_size, dtype=np.int32)
         rows.update(ids=ids, labels=self._labels(class_labels, key, ids))
+        if guidance_scale is not None:
+            rows["guidance"] = self._guidance(guidance_scale, batch_size)
         chunk = min(batch_size, self.batch_per_call)
         mesh, params = self._on_mesh(chunk)
         fn = functools.partial(self._sample, sigmas=levels)
@@ -210,6 +218,17 @@ class ConsistencyPipeline:
         if count not in self._placed:
             self._placed[count] = (mesh, jax.device_put(self.params, sharding.replicated(mesh)))
         return self._placed[count]
+
+    def _guidance(self, guidance_scale, batch_size: int) -> np.ndarray:
+        """w = guidance_scale - 1 per image, as diffusers' LCM pipeline embeds it."""
+        if self.guidance is None:
+            raise ValueError(
+                "guidance_scale: this model has no guidance input (a guided_cd student has "
+                "model.guidance_embed_dim > 0); leave guidance_scale out"
+            )
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float):
+            raise ValueError(f"guidance_scale={guidance_scale!r}: give a number (1 + LCM's w)")
+        return np.full(batch_size, guidance_scale - 1.0, np.float32)
 
     def _latents(self, latents) -> np.ndarray:
         z = np.asarray(latents, np.float32)

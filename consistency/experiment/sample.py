@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from consistency.core import ode, samplers, schedules
+from consistency.core import guidance, ode, samplers, schedules
 from consistency.core.samplers import SamplerSpec
 from consistency.core.schedules import NoiseGrid
 from consistency.experiment import latent, methods, networks, spec
@@ -16,14 +16,23 @@ from consistency.io import checkpoints, image_io, sharding
 
 
 def make_sampler(
-    fns: methods.ModelFns, sampler: SamplerSpec, grid: NoiseGrid, shape, *, clip_output=True
+    fns: methods.ModelFns,
+    sampler: SamplerSpec,
+    grid: NoiseGrid,
+    shape,
+    *,
+    clip_output=True,
+    null_class=None,
 ):
-    """jitted fn(params, key, sample_ids, labels) -> images in [-1, 1] for one batch.
+    """jitted fn(params, key, sample_ids, labels, guidance=None) -> images in [-1, 1] for one
+    batch; guidance: w [B] (default sampler.guidance), for heun the CFG of D(y) + w (D(y) -
+    D(null_class)).
 
     Sample k's noise is fold_in(key, k): the images do not depend on the batch split.
     clip_output=False leaves the result unclamped (latents, which are decoded afterwards).
     """
     clip = sampler.clip_denoised
+    w_of = functools.partial(_guidance, default=sampler.guidance)
     if sampler.kind in ("heun", "progressive"):
         n = sampler.steps
         if sampler.kind == "heun":
@@ -33,32 +42,59 @@ def make_sampler(
             ramp = schedules.progdist_sigmas(jnp.arange(n + 1), n, **grid.kwargs())[0]
             sigmas, solve = jnp.append(ramp, 0.0), ode.euler_sampler
 
-        def diffusion(params, key, ids, labels):
+        def diffusion(params, key, ids, labels, guidance=None):
             x_T = grid.sigma_max * samplers.per_sample_normal(key, ids, shape, 0)
-            d_fn = lambda x, sig: fns.denoiser(params, x, sig, labels, None)
+            d_fn = _guided_denoiser(fns, params, labels, null_class, w_of(guidance, ids))
             x = solve(d_fn, x_T, sigmas, clip_denoised=clip)
             return jnp.clip(x, -1.0, 1.0) if clip_output else x
 
+        if sampler.guidance is not None and null_class is None:
+            raise ValueError("a guided heun sampler needs the null class")
         return jax.jit(diffusion)
     sigmas = np.asarray(sampler.sigmas, np.float32)
     samplers.validate_sigmas(sigmas, sigma_min=grid.sigma_min, sigma_max=grid.sigma_max)
-    fn = make_consistency_sampler(fns, grid, shape, clip_denoised=clip, clip_output=clip_output)
+    fn = make_consistency_sampler(
+        fns, grid, shape, clip_denoised=clip, clip_output=clip_output, guidance=sampler.guidance
+    )
     return functools.partial(fn, sigmas=sigmas)
 
 
+def _guidance(given, ids, *, default: float | None):
+    """w [B]: the per-sample input, else the sampler's default (None: the model takes none)."""
+    if given is not None:
+        return jnp.asarray(given, jnp.float32)
+    return None if default is None else jnp.full(ids.shape, default, jnp.float32)
+
+
+def _guided_denoiser(fns: methods.ModelFns, params, labels, null_class, w):
+    """D(x, s, y), or with w the classifier-free-guided D(y) + w (D(y) - D(null_class))."""
+    cond = lambda x, sig: fns.denoiser(params, x, sig, labels, None)
+    if w is None:
+        return cond
+    null = jnp.full_like(labels, null_class)
+    return lambda x, sig: guidance.guided_lcm(
+        cond(x, sig), fns.denoiser(params, x, sig, null, None), w=w
+    )
+
+
 def make_consistency_sampler(
-    fns: methods.ModelFns, grid: NoiseGrid, shape, *, clip_denoised, clip_output=True
+    fns: methods.ModelFns, grid: NoiseGrid, shape, *, clip_denoised, clip_output=True, guidance=None
 ):
-    """jitted fn(params, key, ids, labels, sigmas, latents=None, noise=None) -> images in [-1, 1]:
-    Algorithm 1 at the (traced) levels sigmas from x_T = sigma_max z.
+    """jitted fn(params, key, ids, labels, sigmas, latents=None, noise=None, guidance=None) ->
+    images in [-1, 1]: Algorithm 1 at the (traced) levels sigmas from x_T = sigma_max z. A
+    guided model's w [B] is `guidance`, else the builder's `guidance` for every sample.
 
     z is latents [B, H, W, C], else per_sample_normal(key, id, 0); the re-noising draws are
     noise [B, K-1, H, W, C] (per sample, as rows are fed), else streams 1..K-1 of each id.
     One compilation serves every sigma list of the same length and batch shape.
     """
 
-    def consistency(params, key, ids, labels, sigmas, latents=None, noise=None):
-        f = lambda x, sig: fns.consistency(params, x, sig, labels, None)
+    w_of = functools.partial(_guidance, default=guidance)
+
+    def consistency(params, key, ids, labels, sigmas, latents=None, noise=None, guidance=None):
+        w = w_of(guidance, ids)
+        kw = {} if w is None else {"guidance": w}
+        f = lambda x, sig: fns.consistency(params, x, sig, labels, None, **kw)
         z = samplers.per_sample_normal(key, ids, shape, 0) if latents is None else latents
         num = sigmas.shape[0]
         if noise is not None:
@@ -96,13 +132,15 @@ def make_sample_fn(
         methods.noise_grid(config),
         shape,
         clip_output=decode is None,
+        null_class=d.num_classes if config.model.null_label else None,
     )
     return latent.decoded(fn, decode)
 
 
 def consistency_sampler(config, network: networks.Network):
     """make_consistency_sampler of the configured consistency model: fn(params, key, ids,
-    labels, sigmas, latents=None, noise=None), compiled once per batch shape and step count."""
+    labels, sigmas, latents=None, noise=None, guidance=None), compiled once per batch shape and
+    step count."""
     d = config.data
     return make_consistency_sampler(
         networks.model_fns(network, config),
@@ -110,6 +148,7 @@ def consistency_sampler(config, network: networks.Network):
         (d.image_size, d.image_size, d.num_channels),
         clip_denoised=config.sampling.clip_denoised,
         clip_output=not latent.enabled(config),  # latents are decoded, then clipped
+        guidance=spec.sampling_guidance(config),
     )
 
 

@@ -79,6 +79,11 @@ _RULES = {
         f"one of {networks.PARAMETERIZATIONS}",
     ),
     "model.logvar_features": (_int(0), "an integer >= 0"),
+    "model.guidance_embed_dim": (_int(0), "an integer >= 0 (0: no guidance input)"),
+    "training.skip_steps": (_int(1), "a positive integer"),
+    "training.guidance_min": (_num(-1, _INF), "a number >= -1 (LCM's w; -1: unconditional)"),
+    "training.guidance_max": (_num(-1, _INF), "a number >= -1 (LCM's w; -1: unconditional)"),
+    "sampling.guidance": (_num(-1, _INF), "a number >= -1 (LCM's w; -1: unconditional)"),
     "training.p_std": (_num(0, _INF, low_open=True), "a number > 0"),
     "training.ect_q": (_num(1, _INF, low_open=True), "a number > 1"),
     "training.ect_stage_steps": (_int(1), "a positive integer"),
@@ -307,18 +312,19 @@ def sampler(config, setting: str | None = None) -> SamplerSpec:
     s = config.sampling
     kind = methods.row(config.training.loss).samples_as
     clip = s.clip_denoised
+    w = sampling_guidance(config)
     if kind in ("diffusion", "progressive"):
         name = "heun" if kind == "diffusion" else "progressive"
         if setting is None:
             steps = s.teacher_steps if kind == "diffusion" else _progressive_steps(config)
-            return SamplerSpec(kind=name, sigmas=(), steps=steps, clip_denoised=clip)
+            return SamplerSpec(kind=name, sigmas=(), steps=steps, clip_denoised=clip, guidance=w)
         what = "Heun grid size" if kind == "diffusion" else "Euler steps"
         if not setting.isdigit() or int(setting) < (2 if kind == "diffusion" else 1):
             raise ValueError(
                 f"eval.settings: training.loss={config.training.loss!r} takes 'N' ({what}), "
                 f"not {setting!r}"
             )
-        return SamplerSpec(kind=name, sigmas=(), steps=int(setting), clip_denoised=clip)
+        return SamplerSpec(kind=name, sigmas=(), steps=int(setting), clip_denoised=clip, guidance=w)
     timesteps = ()
     if setting is None:
         sigmas, ts, timesteps = tuple(s.sigmas), tuple(s.ts), _timesteps(config)
@@ -340,7 +346,29 @@ def sampler(config, setting: str | None = None) -> SamplerSpec:
         kind="consistency",
         sigmas=_sigmas(config, sigmas, ts, s.steps, "sampling", timesteps=timesteps),
         clip_denoised=clip,
+        guidance=w,
     )
+
+
+def sampling_guidance(config) -> float | None:
+    """sampling.guidance as the sampled model takes it: the w input of a guided student
+    (model.guidance_embed_dim > 0), the CFG scale of an EDM teacher with a null class (None
+    at w = 0: plain conditional Heun), else None; a w the model cannot take is an error."""
+    s, m, d = config.sampling, config.model, config.data
+    kind = methods.row(config.training.loss).samples_as
+    if kind == "consistency" and m.guidance_embed_dim > 0:
+        return float(s.guidance)
+    if s.guidance == 0:
+        return None
+    if kind == "diffusion" and d.class_conditional and m.null_label:
+        return float(s.guidance)
+    need = (
+        "model.null_label and data.class_conditional (a teacher trained with "
+        "training.label_dropout > 0)"
+        if kind == "diffusion"
+        else "a guided student (training.loss='guided_cd', model.guidance_embed_dim > 0)"
+    )
+    raise ValueError(f"sampling.guidance={s.guidance}: needs {need}; or set sampling.guidance=0")
 
 
 def _timesteps(config) -> tuple[int, ...]:

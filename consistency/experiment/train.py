@@ -340,7 +340,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> TrainState:
     network = networks.build_network(config)
     expected = checkpoints.param_fingerprint(sample.abstract_params(config, network))
     meta = checkpoint_meta(config, expected)
-    teacher = load_teacher(config, network, expected) if t.teacher_checkpoint else None
+    teacher = None
+    if t.teacher_checkpoint:  # a guided student's teacher: the network without the w input
+        teacher_net = network.unguided()
+        shapes = sample.abstract_params(config, teacher_net) if network.guided else None
+        fingerprint = expected if shapes is None else checkpoints.param_fingerprint(shapes)
+        teacher = load_teacher(config, teacher_net, fingerprint)
     if teacher is not None:
         teacher = jax.device_put(teacher, sharding.tree_sharding(mesh, teacher))
     tx = train_state.optimizer(config)

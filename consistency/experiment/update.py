@@ -168,7 +168,9 @@ def _create_fn(config, network, tx):
     num_ema = len(t.ema_rates)
 
     def create(key, teacher):
-        params = teacher if teacher is not None else network.init(key, x, y)
+        params = network.init(key, x, y) if teacher is None or network.guided else None
+        if teacher is not None:
+            params = networks.student_from_teacher(network, params, teacher)
         return TrainState.create(params, tx, num_ema=num_ema, with_target=with_target)
 
     return create
