@@ -20,7 +20,9 @@ same widths (32, 64; one res block a level; attention at 4x4 and in the middle, 
 head; scale-shift norm; residual up/down sampling): diffusers' UNet2DModel expresses it, so
 `python -m consistency.convert --to=diffusers` exports the run, which it refuses for the small
 UNet. 826,337 parameters vs the UNet's 701,345; a train step takes ~1.6x the UNet's (0.51 vs
-0.31 s, alternating in one process on 2 shared cores: a ratio, not a speed).
+0.31 s, alternating in one process on 2 shared cores: a ratio, not a speed). Measured (one run,
+2 shared cores, with other jobs): 1-step FID 24.0, 2-step 13.7 (the UNet's 19.7 / 7.6), 15.8 min
+wall; other sizes untried.
 """
 
 from configs import _digits, _successors
