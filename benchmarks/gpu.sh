@@ -40,7 +40,7 @@ if [ "$tiny" != 1 ] && ! "$PY" -c 'import jax, sys; sys.exit(jax.default_backend
   echo "no GPU found: the tiny sizes on CPU"
   tiny=1
 fi
-args=(--peak_tflops=989 --budget_s="${GPU_SH_BUDGET_S:-420}")
+args=(--peak_tflops=989 --budget_s="${GPU_SH_BUDGET_S:-420}" --variants="${GPU_SH_VARIANTS:-0}")
 if [ "$tiny" = 1 ]; then
   # One process on CPU: fast compiles, and a cache (the cudnn rows run as xla there).
   export JAX_PLATFORMS=cpu XLA_FLAGS=--xla_backend_optimization_level=0

@@ -53,10 +53,11 @@ VARIANTS = [
 ]
 
 
-def rows(batch_cifar: int, batch_imagenet: int, batch_sample: int) -> list[dict]:
-    """Every row in priority order: the bf16 cudnn row of each workload, sampling, the rest."""
+def rows(batch_cifar: int, batch_imagenet: int, batch_sample: int, variants: int = 0) -> list:
+    """Every row in priority order: the bf16 cudnn row of each workload, sampling, the rest
+    (only the first `variants` of VARIANTS when > 0)."""
     out = []
-    for dtype, attention, remat in VARIANTS:
+    for dtype, attention, remat in VARIANTS[: variants or len(VARIANTS)]:
         for name in WORKLOADS:
             batch = batch_imagenet if "imagenet" in name else batch_cifar
             out.append(
@@ -167,13 +168,14 @@ def main() -> None:
     parser.add_argument("--batch_cifar", type=int, default=128)
     parser.add_argument("--batch_imagenet", type=int, default=32)
     parser.add_argument("--batch_sample", type=int, default=256)
+    parser.add_argument("--variants", type=int, default=0, help="the first K variants (0: all)")
     args = parser.parse_args()
     start = time.perf_counter()
     print(f"backend {jax.default_backend()}, device {jax.devices()[0].device_kind}", flush=True)
     header = "| workload | dtype | attention | remat | batch | " + " | ".join(COLUMNS) + " | |"
     lines, records = [header, "|---" * (len(COLUMNS) + 6) + "|"], []
     done = {}  # on CPU a row whose program an earlier row ran (cudnn -> xla) reuses its result
-    for row in rows(args.batch_cifar, args.batch_imagenet, args.batch_sample):
+    for row in rows(args.batch_cifar, args.batch_imagenet, args.batch_sample, args.variants):
         if time.perf_counter() - start > args.budget_s:
             lines.append(_line(row, None, f"skipped: past --budget_s={args.budget_s:g}"))
             continue
