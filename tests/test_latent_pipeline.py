@@ -117,6 +117,17 @@ def test_sample_mode_writes_decoded_images(trained):
     assert images.std() > 0
 
 
+def test_pipeline_of_a_latent_run_returns_the_decoded_images_sample_mode_writes(trained):
+    from consistency.experiment.pipeline import ConsistencyPipeline
+
+    root, config, _ = trained
+    pipe = ConsistencyPipeline.from_workdir(root / "run", config=config)
+    images = pipe(batch_size=6, output_type="uint8")
+    assert images.shape == (6, SIDE, SIDE, 1)  # decoded, not the 4x4x2 latents
+    with np.load(sample.run_sample(config, str(root / "run"))) as stored:
+        np.testing.assert_array_equal(images, stored["arr_0"])
+
+
 def test_eval_scores_decoded_images_as_training_did(trained):
     root, config, _ = trained
     results = evaluate.run_eval(config, str(root / "run"))

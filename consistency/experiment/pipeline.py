@@ -12,7 +12,7 @@ import numpy as np
 from consistency.convert import diffusers
 from consistency.core import samplers
 from consistency.core.schedules import NoiseGrid
-from consistency.experiment import methods, networks, sample, spec, train
+from consistency.experiment import latent, methods, networks, sample, spec, train
 from consistency.io import image_io, sharding
 
 OUTPUT_TYPES = ("pil", "np", "uint8", "jax")
@@ -44,14 +44,23 @@ class ConsistencyPipeline:
         batch_per_call: int = 64,
         seed: int = 0,
         guidance: float | None = None,
+        decode=None,
     ):
+        """image_shape is the network's sample shape (a latent model's latent); `decode`
+        (latent.decoder) maps a latent model's samples to images, None for pixel models."""
         self.network, self.params, self.grid = network, params, grid
+        self.decode = decode
         self.guidance = guidance  # a guided model's default w (LCM's; guidance_scale = 1 + w)
         self.num_train_timesteps, self.image_shape = num_train_timesteps, tuple(image_shape)
         self.num_classes, self.batch_per_call, self.seed = num_classes, batch_per_call, seed
         self.default_sigmas = tuple(default_sigmas or (grid.sigma_max,))
         self._sample = sample.make_consistency_sampler(
-            fns, grid, self.image_shape, clip_denoised=clip_denoised, guidance=guidance
+            fns,
+            grid,
+            self.image_shape,
+            clip_denoised=clip_denoised,
+            clip_output=decode is None,  # latents are clipped after decoding
+            guidance=guidance,
         )
         self._placed = {}  # device count -> (mesh, params replicated over it)
 
@@ -89,6 +98,7 @@ class ConsistencyPipeline:
             batch_per_call=s.batch_size,
             seed=s.seed,
             guidance=spec.sampling_guidance(config),
+            decode=latent.decoder(config),
         )
 
     @classmethod
@@ -207,7 +217,7 @@ class ConsistencyPipeline:
             rows["guidance"] = self._guidance(guidance_scale, batch_size)
         chunk = min(batch_size, self.batch_per_call)
         mesh, params = self._on_mesh(chunk)
-        fn = functools.partial(self._sample, sigmas=levels)
+        fn = latent.decoded(functools.partial(self._sample, sigmas=levels), self.decode)
         images = sample.sample_rows(fn, params, key, rows, mesh, chunk)
         return _output(images, output_type)
 
