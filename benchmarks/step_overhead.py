@@ -192,7 +192,7 @@ def time_alternating(runners: list[Runner], steps: int, repeats: int) -> None:
 
 def time_data(config, mesh, steps: int) -> Runner:
     """The loop's batch work alone: next(batches), np.stack, global_array (no step running)."""
-    batches = train._batches(config, mesh, 0)  # the loop's own pipeline
+    batches = train._batches(config, mesh, 0, workdir="")  # the loop's own pipeline (pixels)
     batch_sharding = sharding.stacked_batch_sharding(mesh)
     n = config.training.n_jitted_steps
 
