@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from consistency.experiment import latent, networks, sample, spec
+from consistency.experiment import latent, networks, paths, sample, spec
 from consistency.io import checkpoints, data, image_io, sharding
 from consistency.measure import digits, inception, metrics
 
@@ -102,23 +102,13 @@ def _setting_dir(
     return pathlib.Path(workdir) / "eval" / f"step_{step}" / name
 
 
-@functools.lru_cache(maxsize=8)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def feature_network_id(config, workdir, kind: str) -> str:
     """A digest of the feature network: the Inception weights file and eval.resize, or the
     digits classifier's params (a function of its hyper-parameters and training data)."""
     if kind == "digits":
         return digits.params_digest(digits.load_or_train(cache_dir(config, workdir)))
     path = pathlib.Path(config.eval.inception_path).resolve()
-    st = path.stat()
-    return f"{_file_digest(str(path), st.st_size, st.st_mtime_ns)}:{config.eval.resize}"
+    return f"{paths.file_digest(path)}:{config.eval.resize}"
 
 
 def _save_npz(path: pathlib.Path, arrays: dict) -> None:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from consistency.convert import diffusers_vae
-from consistency.experiment import methods
+from consistency.experiment import methods, paths
 from consistency.io import data, latents
 
 SAMPLES = ("mean", "sample")  # latent.sample: the posterior mean or a sample of it per image
@@ -169,22 +169,11 @@ def encode_command(config, workdir) -> str:
     return f"python main.py --mode=encode --config=CONFIG {where}--workdir={workdir}"
 
 
-@functools.lru_cache(maxsize=8)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def vae_digest(config) -> str:
     """A digest of latent.vae's config.json and weights (what the latents are made by)."""
     folder = vae_folder(config.latent.vae)
     files = [folder / "config.json"] + [folder / w for w in diffusers_vae.WEIGHTS]
-    parts = [
-        _file_digest(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()
-    ]
+    parts = [paths.file_digest(p) for p in files if p.exists()]
     return hashlib.sha256(":".join(parts).encode()).hexdigest()[:16]
 
 

@@ -1,5 +1,7 @@
 """What a mode needs of the file system, checked before it runs: inputs, checkpoints, outputs."""
 
+import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -173,3 +175,18 @@ def problems(config, *, mode: str, workdir: str | None = None) -> list[str]:
     if mode == "eval" and e.cache_dir:
         out += _writable(pathlib.Path(e.cache_dir), "eval.cache_dir")
     return out
+
+
+def file_digest(path) -> str:
+    """sha256 (16 hex digits) of a file's bytes, cached by (path, size, mtime)."""
+    st = pathlib.Path(path).stat()
+    return _file_digest(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
