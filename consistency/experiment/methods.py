@@ -638,10 +638,9 @@ class VAE(Method):
 
 
 # The table: training.loss -> its row.
-METHODS: dict[str, type[Method]] = {
-    row.name: row for row in (EDM, CD, CT, PD, ECT, CDContinuous, CTContinuous, SCT, SCD, GuidedCD)
-}
-METHODS[VAE.name] = VAE  # the autoencoder of latent models (latent.vae), sampled by no mode
+# VAE: the autoencoder of latent models (latent.vae), sampled by no mode.
+ROWS = (EDM, CD, CT, PD, ECT, CDContinuous, CTContinuous, SCT, SCD, GuidedCD, VAE)
+METHODS: dict[str, type[Method]] = {row.name: row for row in ROWS}
 LOSSES = tuple(METHODS)
 
 

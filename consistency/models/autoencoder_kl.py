@@ -176,8 +176,8 @@ def _head(x: jax.Array, groups: int, out_channels: int, dtype: Any) -> jax.Array
     return _conv(out_channels, 3, "conv_out", dtype)(x)
 
 
-class Encoder(nn.Module):
-    """conv_in, down levels (resnets + asymmetric stride-2 conv), mid block, conv head."""
+class _Coder(nn.Module):
+    """The fields the encoder and the decoder share (diffusers' Encoder / Decoder arguments)."""
 
     out_channels: int
     block_out_channels: Sequence[int]
@@ -187,6 +187,10 @@ class Encoder(nn.Module):
     mid_block_add_attention: bool = True
     dtype: Any = jnp.float32
     attention_impl: str | None = "plain"
+
+
+class Encoder(_Coder):
+    """conv_in, down levels (resnets + asymmetric stride-2 conv), mid block, conv head."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -214,17 +218,8 @@ class Encoder(nn.Module):
         return _head(x, self.norm_num_groups, self.out_channels, self.dtype)
 
 
-class Decoder(nn.Module):
+class Decoder(_Coder):
     """conv_in, mid block, up levels (layers_per_block + 1 resnets, nearest x2 + conv), head."""
-
-    out_channels: int
-    block_out_channels: Sequence[int]
-    layers_per_block: int
-    norm_num_groups: int
-    act_fn: str = "silu"
-    mid_block_add_attention: bool = True
-    dtype: Any = jnp.float32
-    attention_impl: str | None = "plain"
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
