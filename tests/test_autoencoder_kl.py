@@ -183,7 +183,8 @@ def test_missing_tensor_is_named(case, tmp_path):
     [
         ("down_block_types", ["AttnDownEncoderBlock2D", "DownEncoderBlock2D"]),
         ("up_block_types", ["UpDecoderBlock2D"]),
-        ("latents_mean", [0.0, 0.0, 0.0, 0.0]),
+        ("latents_mean", [0.0, 0.0, 0.0, 0.0]),  # without latents_std
+        ("latents_std", [1.0]),  # without latents_mean
         ("act_fn", "tanh"),
         ("norm_num_groups", 5),
         ("_class_name", "AutoencoderTiny"),
@@ -224,3 +225,33 @@ def test_variants_without_quant_convs_or_attention():
     assert decoded.shape == x.shape
     z = jnp.linspace(-1, 1, 12)
     np.testing.assert_allclose(model.unscale_latents(model.scale_latents(z)), z, atol=1e-6)
+
+
+def test_per_channel_latent_statistics(case, tmp_path):
+    """latents_mean / latents_std (diffusers: (z - mean) * scaling / std; decode the inverse) are
+    read, applied per channel, written back, and checked for length and sign."""
+    folder = case["folder"]
+    config = json.loads((folder / "config.json").read_text())
+    channels = config["latent_channels"]
+    mean = [0.1 * (i + 1) for i in range(channels)]
+    std = [0.5 + 0.25 * i for i in range(channels)]
+    stats = {**config, "latents_mean": mean, "latents_std": std, "shift_factor": None}
+    kwargs = autoencoder_kwargs(stats)
+    assert kwargs["latents_mean"] == tuple(mean) and kwargs["latents_std"] == tuple(std)
+    model = AutoencoderKL(**kwargs)
+    z = jax.random.normal(jax.random.key(1), (2, 3, 3, channels))
+    want = (np.asarray(z) - np.asarray(mean)) * config["scaling_factor"] / np.asarray(std)
+    np.testing.assert_allclose(model.scale_latents(z), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(model.unscale_latents(model.scale_latents(z)), z, atol=1e-5)
+    # The exporter writes what it read; the reader refuses a wrong length, a zero std, or a shift.
+    _, params, _ = load_diffusers_vae(folder)
+    out = export_diffusers_vae(params, model, tmp_path / "vae", sample_size=config["sample_size"])
+    written = json.loads((out / "config.json").read_text())
+    assert (written["latents_mean"], written["latents_std"]) == (mean, std)
+    for key, value, why in (
+        ("latents_mean", mean[:-1], "one value per latent channel"),
+        ("latents_std", [0.0] * channels, "must be > 0"),
+        ("shift_factor", 0.5, "not both"),
+    ):
+        with pytest.raises(ValueError, match=f"config {key}=.*{why}"):
+            autoencoder_kwargs({**stats, key: value})

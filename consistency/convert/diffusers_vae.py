@@ -35,11 +35,11 @@ _BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpD
 # Keys that change nothing in the network: bookkeeping, the tiling size, a pipeline dtype hint
 # (the caller picks the compute dtype).
 _IGNORED = ("_class_name", "_diffusers_version", "_name_or_path", "sample_size", "force_upcast")
-# Per-channel latent statistics some pipelines (SDXL-derived) apply: not implemented.
-_NULL_ONLY = ("latents_mean", "latents_std")
+# Per-channel latent statistics (SDXL-style configs): one value per latent channel, both or none.
+_STATISTICS = ("latents_mean", "latents_std")
 # Pre-0.14 attention names (diffusers renames them on load).
 _LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}
-_KNOWN = {*_FIELDS, *_BLOCK_TYPES, *_IGNORED, *_NULL_ONLY, "shift_factor"}
+_KNOWN = {*_FIELDS, *_BLOCK_TYPES, *_IGNORED, *_STATISTICS, "shift_factor"}
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -56,6 +56,26 @@ def _check_block_types(diffusers_config: Mapping[str, Any], levels: int) -> None
             raise _unsupported(key, types, f"need one per block_out_channels level ({levels})")
 
 
+def _statistics(diffusers_config: Mapping[str, Any], channels: int) -> dict[str, Any]:
+    """latents_mean / latents_std as tuples (one per latent channel), or {} when both are null."""
+    given = {k: diffusers_config.get(k) for k in _STATISTICS}
+    if all(v is None for v in given.values()):
+        return {}
+    for key, value in given.items():
+        other = _STATISTICS[1 - _STATISTICS.index(key)]
+        if value is None:
+            raise _unsupported(other, given[other], f"give {key} too (both or neither)")
+        if not isinstance(value, (list, tuple)) or len(value) != channels:
+            raise _unsupported(key, value, f"need one value per latent channel ({channels})")
+    if any(not float(v) > 0 for v in given["latents_std"]):
+        raise _unsupported("latents_std", given["latents_std"], "every value must be > 0")
+    if diffusers_config.get("shift_factor"):
+        raise _unsupported(
+            "shift_factor", diffusers_config["shift_factor"], "give it or latents_mean, not both"
+        )
+    return {k: tuple(float(v) for v in given[k]) for k in _STATISTICS}
+
+
 def autoencoder_kwargs(diffusers_config: Mapping[str, Any]) -> dict[str, Any]:
     """AutoencoderKL fields of a diffusers AutoencoderKL config.json; unsupported keys raise."""
     unknown = sorted(set(diffusers_config) - _KNOWN)
@@ -64,12 +84,10 @@ def autoencoder_kwargs(diffusers_config: Mapping[str, Any]) -> dict[str, Any]:
     cls = diffusers_config.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
         raise _unsupported("_class_name", cls, "only AutoencoderKL folders are read")
-    for key in _NULL_ONLY:
-        if diffusers_config.get(key) is not None:
-            raise _unsupported(key, diffusers_config[key], "per-channel latent statistics")
     kwargs = {
         field: diffusers_config.get(key, default) for key, (field, default) in _FIELDS.items()
     }
+    kwargs.update(_statistics(diffusers_config, int(kwargs["latent_channels"])))
     kwargs["block_out_channels"] = tuple(int(c) for c in kwargs["block_out_channels"])
     kwargs["shift_factor"] = float(diffusers_config.get("shift_factor") or 0.0)
     kwargs["scaling_factor"] = float(kwargs["scaling_factor"])
@@ -174,8 +192,8 @@ def config_of(model: AutoencoderKL, *, sample_size: int, force_upcast: bool = Tr
         shift_factor=float(model.shift_factor) if model.shift_factor else None,
         sample_size=int(sample_size),
         force_upcast=bool(force_upcast),
-        latents_mean=None,
-        latents_std=None,
+        latents_mean=None if model.latents_mean is None else list(model.latents_mean),
+        latents_std=None if model.latents_std is None else list(model.latents_std),
     )
     autoencoder_kwargs(out)  # what we write, we read
     return dict(sorted(out.items()))

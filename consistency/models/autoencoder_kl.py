@@ -253,7 +253,10 @@ class AutoencoderKL(nn.Module):
 
     `dtype` is the compute dtype of convs and dense layers (GroupNorm and softmax run in float32);
     `attention_impl` picks the mid blocks' attention kernel (models.attention).
-    latents = (z - shift_factor) * scaling_factor is what a latent diffusion model sees.
+    latents = (z - shift_factor) * scaling_factor is what a latent diffusion model sees; with
+    per-channel statistics (latents_mean, latents_std: one value per latent channel, as SDXL-style
+    diffusers configs give them) latents = (z - mean) * scaling_factor / std instead, diffusers'
+    convention (its pipelines decode latents * std / scaling_factor + mean).
     """
 
     in_channels: int = 3
@@ -268,6 +271,8 @@ class AutoencoderKL(nn.Module):
     use_post_quant_conv: bool = True
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
     dtype: Any = jnp.float32
     attention_impl: str | None = "plain"
 
@@ -318,13 +323,22 @@ class AutoencoderKL(nn.Module):
         """Images of scaled latents."""
         return self.decode(self.unscale_latents(latents))
 
+    def _latent_statistics(self) -> tuple[Any, Any]:
+        """(shift, scale) per latent channel (last axis) or as scalars."""
+        if self.latents_mean is None and self.latents_std is None:
+            return self.shift_factor, self.scaling_factor
+        mean, std = (jnp.asarray(v, jnp.float32) for v in (self.latents_mean, self.latents_std))
+        return mean, self.scaling_factor / std
+
     def scale_latents(self, z: jax.Array) -> jax.Array:
-        """latents = (z - shift_factor) * scaling_factor."""
-        return (z - self.shift_factor) * self.scaling_factor
+        """latents = (z - shift_factor) * scaling_factor, or (z - mean) * scaling_factor / std."""
+        shift, scale = self._latent_statistics()
+        return (z - shift) * scale
 
     def unscale_latents(self, latents: jax.Array) -> jax.Array:
-        """z = latents / scaling_factor + shift_factor."""
-        return latents / self.scaling_factor + self.shift_factor
+        """z = latents / scaling_factor + shift_factor, or latents * std / scaling_factor + mean."""
+        shift, scale = self._latent_statistics()
+        return latents / scale + shift
 
     def downsampling_factor(self) -> int:
         """Image side / latent side: 2 per level but the last."""
