@@ -1,5 +1,6 @@
 """--mode=train: train_and_evaluate (resume, log, checkpoint, snapshot), the training loop."""
 
+import collections
 import json
 import pathlib
 import subprocess
@@ -21,7 +22,14 @@ from consistency.experiment import (
     update,
 )
 from consistency.experiment.train_state import TrainState
-from consistency.io import checkpoints, data, image_io, preemption, sharding
+from consistency.io import checkpoints, data, image_io, preemption, prefetch, sharding
+
+# Batches made ahead of the step by a background thread (each a stacked global array on device).
+PREFETCH_DEPTH = 2
+# Steps dispatched but not finished at most: the host waits on the step before the last, never
+# on the one just dispatched, so the device always has the next step queued; the bound keeps the
+# queued steps' inputs (device memory) from growing over a long log interval.
+MAX_IN_FLIGHT = 2
 
 
 class NonFiniteError(RuntimeError):
@@ -317,6 +325,14 @@ def _batches(config, mesh, start_step: int, workdir):
     )
 
 
+def _device_batches(batches, n: int, batch_sharding):
+    """Global arrays [n, B, ...] of each n consecutive local batches, placed on the mesh."""
+    while True:
+        local = [next(batches) for _ in range(n)]
+        stacked = {k: np.stack([b[k] for b in local]) for k in ("image", "label")}
+        yield sharding.global_array(stacked, batch_sharding)
+
+
 def train_and_evaluate(config, workdir: str, *, devices=None) -> TrainState:
     """Train (resuming from the newest sound checkpoint in workdir), log, snapshot; return state.
 
@@ -388,14 +404,18 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> TrainState:
     batch_sharding = sharding.stacked_batch_sharding(mesh)
     watch = preemption.PreemptionWatch()
     pending = []  # (step, metrics on device) since the last finiteness check
+    in_flight = collections.deque(maxlen=MAX_IN_FLIGHT)  # 'finite' of the last steps dispatched
     start, last_time, last_step = time.time(), time.time(), step
+    # The next batches are read, stacked and put on the devices while the step runs.
+    inputs = prefetch.Prefetcher(
+        _device_batches(batches, t.n_jitted_steps, batch_sharding), PREFETCH_DEPTH, "train-inputs"
+    )
     try:
         while step < t.num_steps:
-            local = [next(batches) for _ in range(t.n_jitted_steps)]
-            stacked = {k: np.stack([b[k] for b in local]) for k in ("image", "label")}
-            state, metrics = train_step(
-                state, sharding.global_array(stacked, batch_sharding), teacher, distance, key
-            )
+            if len(in_flight) == MAX_IN_FLIGHT:
+                in_flight[0].block_until_ready()
+            state, metrics = train_step(state, next(inputs), teacher, distance, key)
+            in_flight.append(metrics["finite"])
             step += t.n_jitted_steps
             checkpointer.check()  # a failed asynchronous save stops the run here
             pending.append((step, metrics))
@@ -428,6 +448,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> TrainState:
             if scorer is not None and scorer.due(step, last=step == t.num_steps):
                 scorer(step, state.ema_params[config.eval.ema_index], writer)
     finally:
+        inputs.close()
         watch.close()
         checkpointer.close()
         if writer is not None:
