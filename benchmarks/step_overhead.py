@@ -29,7 +29,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app, flags
 from ml_collections import config_flags
@@ -191,18 +190,16 @@ def time_alternating(runners: list[Runner], steps: int, repeats: int) -> None:
 
 
 def time_data(config, mesh, steps: int) -> Runner:
-    """The loop's batch work alone: next(batches), np.stack, global_array (no step running)."""
+    """The loop's batch work alone: next(batches), np.stack, global_array (no step running; the
+    loop makes them in a background thread while its step runs)."""
     batches = train._batches(config, mesh, 0, workdir="")  # the loop's own pipeline (pixels)
-    batch_sharding = sharding.stacked_batch_sharding(mesh)
     n = config.training.n_jitted_steps
-
-    def call():
-        local = [next(batches) for _ in range(n)]
-        stacked = {k: np.stack([b[k] for b in local]) for k in ("image", "label")}
-        return sharding.global_array(stacked, batch_sharding)
-
+    made = train._device_batches(batches, n, sharding.stacked_batch_sharding(mesh))
     runner = Runner(
-        "loop data", "batch fetch + stack + device put, alone (not overlapped)", call, n
+        "loop data",
+        "batch fetch + stack + device put, alone (the loop prefetches it)",
+        made.__next__,
+        n,
     )
     time_alternating([runner], steps, 3)
     return runner
