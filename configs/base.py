@@ -22,10 +22,12 @@ def _model() -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.name = "unet"  # unet (small, CPU) | ncsnpp (CIFAR-10) | adm (ImageNet/LSUN) | autoencoder_kl
     m.sigma_min = 0.002  # eps: the boundary f(x, eps) = x and the smallest grid noise level
-    m.sigma_max = 80.0  # T: the largest noise level
+    m.sigma_max = 80.0  # T: the largest noise level (vp_*: unused; the range is model.vp's)
     m.rho = 7.0  # Karras grid exponent
     m.sigma_data = 0.5  # data standard deviation in the scalings
-    m.parameterization = "edm"  # edm (EDM / boundary scalings) | trigflow (sCM; c_noise = t)
+    # edm (EDM / boundary scalings) | trigflow (sCM; c_noise = t) | vp_eps, vp_v: a discrete
+    # DDPM network (eps or v prediction on x_vp and the timestep; its schedule model.vp)
+    m.parameterization = "edm"
     m.logvar_features = 0  # > 0: sCM's learned loss weighting w(t) on this many Fourier features
     m.dropout = 0.0  # dropout rate (EDM teachers 0.1-0.13, CM students 0)
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, EMA, optimiser stay float32)
@@ -35,6 +37,11 @@ def _model() -> ml_collections.ConfigDict:
     # > 0: the student takes LCM's guidance scale w (guided_cd): sinusoidal features of this size
     # (LCM: 256), projected by a zero-initialised Dense into the noise features (UNet, ADM).
     m.guidance_embed_dim = 0
+    m.vp = ml_collections.ConfigDict()  # model.parameterization='vp_eps' / 'vp_v' (ddpm, cd)
+    m.vp.num_train_timesteps = 1000  # T: the DDPM timesteps 0..T-1 (the CD grid of a VP teacher)
+    m.vp.beta_start = 0.0001  # beta_0 (Stable Diffusion: 0.00085)
+    m.vp.beta_end = 0.02  # beta_{T-1} (Stable Diffusion: 0.012)
+    m.vp.beta_schedule = "linear"  # linear | scaled_linear (SD) | squaredcos_cap_v2 (cosine)
     m.unet = ml_collections.ConfigDict()
     m.unet.channels = 32  # base width
     m.unet.channel_mult = (1, 2)  # width multiplier per resolution level
@@ -70,7 +77,7 @@ def _model() -> ml_collections.ConfigDict:
 
 def _training() -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
-    t.loss = "ct"  # methods.py's rows: edm cd ct (iCT) pd ect cd/ct_continuous sct scd vae
+    t.loss = "ct"  # methods.py's rows: edm ddpm cd ct (iCT) pd ect cd/ct_continuous sct scd vae
     t.batch_size = 128  # global batch over all devices and hosts
     t.num_steps = 2000  # optimiser steps of the run
     t.n_jitted_steps = 1  # steps fused in one jitted call with lax.scan
@@ -87,7 +94,7 @@ def _training() -> ml_collections.ConfigDict:
     t.lpips_pool = "max"  # LPIPS VGG16 pooling: max (LPIPS package, jcm) | avg (piq, PyTorch cm)
     t.lpips_resize = 224  # LPIPS: upsample images below 256 px to this size first (0 = never)
     t.weighting = "uniform"  # uniform | snr | snr+1 | karras | truncated-snr | ict (1/(t - t2))
-    t.solver = "heun"  # CD teacher ODE step: heun | euler
+    t.solver = "heun"  # CD teacher ODE step: heun | euler | ddim | dpm_solver_2 (DPM-Solver++(2S))
     t.skip_steps = 1  # cd/ct/guided_cd: pairs (t_i, t_{i+k}) of the N grid, one teacher step (LCM)
     # guided_cd: w ~ U[guidance_min, guidance_max] per example, LCM's convention: the teacher is
     # D(y) + w (D(y) - D(null)), i.e. the usual guidance scale 1 + w (w = 0: conditional teacher).
@@ -120,7 +127,7 @@ def _training() -> ml_collections.ConfigDict:
     t.init_from_teacher = False  # start the student from the teacher (CD as the references)
     t.edm_p_mean = -1.2  # EDM: ln sigma ~ N(p_mean, p_std^2)
     t.edm_p_std = 1.2  # EDM: see edm_p_mean
-    t.label_dropout = 0.0  # EDM: label -> the null class with this probability (needs null_label)
+    t.label_dropout = 0.0  # edm/ddpm: label -> the null class at this rate (needs null_label)
     t.vae_kl_weight = 1e-6  # vae: loss = distance (pixel mean) + this x KL (sum over the latent)
     t.vae_lpips_weight = 1.0  # vae with training.distance='lpips': l1 + this weight x LPIPS (LDM's)
     return t
@@ -148,7 +155,7 @@ def _sampling() -> ml_collections.ConfigDict:
     s.num_samples = 64  # images written by --mode=sample
     s.batch_size = 64  # images per sampling call (global)
     s.grid_size = 64  # images in each snapshot PNG grid (0 = no grids)
-    s.teacher_steps = 18  # EDM models: Heun grid size N (2N-1 network evaluations)
+    s.teacher_steps = 18  # EDM models: Heun grid size N (2N-1 evaluations); ddpm: DDIM steps
     s.clip_denoised = True  # clamp every denoised output to [-1, 1] (as the references)
     s.class_label = -1  # class-conditional: -1 draws labels at random, else this class
     # LCM's w (usual scale 1 + w): guided_cd students' w input; EDM teachers with null_label

@@ -8,14 +8,22 @@ Pairs skip k = 20 points of a 360-point grid in one Heun step (LCM: 20 of 1,000)
 student sees about as many distinct pairs as cd_digits' N = 18. The w range and
 guidance_embed_dim are starting points for the digits, not tuned values.
 
+:vp_teacher is LCM's kind of teacher instead: a DDPM noise-prediction network (1,000 linear-beta
+timesteps, eps-MSE, label dropout 0.1), sampled by DDIM; :vp_student distils it as LCM does:
+pairs t -> t - 20 of its timesteps, one DDIM step of the guided teacher. The student is the same
+network (it sees x_vp and the timestep) with EDM's boundary scalings at sigma(t = 0).
+
 python main.py --config=configs/lcd_digits.py:teacher --workdir=runs/lcd_digits_teacher
 python main.py --config=configs/lcd_digits.py --workdir=runs/lcd_digits \
   --config.training.teacher_checkpoint=runs/lcd_digits_teacher/checkpoints
+python main.py --config=configs/lcd_digits.py:vp_teacher --workdir=runs/lcd_digits_vp_teacher
+python main.py --config=configs/lcd_digits.py:vp_student --workdir=runs/lcd_digits_vp \
+  --config.training.teacher_checkpoint=runs/lcd_digits_vp_teacher/checkpoints
 """
 
 from configs import _digits
 
-VARIANTS = ("student", "teacher")  # --config=FILE:ARG
+VARIANTS = ("student", "teacher", "vp_teacher", "vp_student")  # --config=FILE:ARG
 
 
 def _conditional(config):
@@ -58,7 +66,31 @@ def student():
     return config
 
 
+def _vp(config):
+    config.model.parameterization = "vp_eps"  # model.vp: DDPM's 1,000 linear betas
+    return config
+
+
+def vp_teacher():
+    config = _vp(teacher())
+    config.training.loss = "ddpm"
+    config.sampling.teacher_steps = 50  # DDIM steps (LCM's teacher grid: 50 of the 1,000)
+    config.eval.settings = ("50",)
+    return config
+
+
+def vp_student():
+    config = _vp(student())
+    config.training.update(
+        solver="ddim",  # LCM's DDIMSolver step t -> t - 20 ('dpm_solver_2': 2nd order)
+        skip_steps=20,
+        teacher_checkpoint="runs/lcd_digits_vp_teacher/checkpoints",
+    )
+    return config
+
+
 def get_config(arg: str = "student"):
     if arg not in VARIANTS:
         raise ValueError(f"unknown variant {arg!r}; choose one of {VARIANTS}")
-    return student() if arg == "student" else teacher()
+    builders = {"student": student, "teacher": teacher}
+    return {**builders, "vp_teacher": vp_teacher, "vp_student": vp_student}[arg]()

@@ -29,6 +29,7 @@ PROPERTIES = {
     "scd": (True, False, "consistency"),
     "guided_cd": (True, True, "consistency"),
     "vae": (False, False, "autoencoder"),
+    "ddpm": (False, False, "diffusion"),
 }
 BATCH = 4
 
@@ -42,6 +43,8 @@ def _config(loss: str):
         config.training.update(start_scales=4, distill_steps_per_iter=2)
     if loss == "vae":
         config.model.name = "autoencoder_kl"
+    if loss == "ddpm":
+        config.model.parameterization = "vp_eps"
     if loss == "guided_cd":
         config.data.update(class_conditional=True, num_classes=10)
         config.model.update(null_label=True, guidance_embed_dim=8)

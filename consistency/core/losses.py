@@ -1,7 +1,7 @@
 """Training losses, each returning per-example values [B] and a metrics dict.
 
-EDM DSM; discrete CD and CT (with iCT's index sampling and weighting as options); ECT;
-continuous-time CD/CT (jcm); sCM (sCT/sCD in TrigFlow).
+EDM DSM; DDPM (discrete VP teachers); discrete CD and CT (with iCT's index sampling and
+weighting as options); ECT; continuous-time CD/CT (jcm); sCM (sCT/sCD in TrigFlow).
 """
 
 from collections.abc import Callable
@@ -9,6 +9,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from consistency.core import vp
 from consistency.core.distances import l2
 from consistency.core.ode import euler_step
 from consistency.core.parameterization import SIGMA_DATA, broadcast_to, get_weighting, trigflow_time
@@ -65,6 +66,39 @@ def edm_loss(
     return _check_per_example(losses, x0.shape[0]), {"sigma": sigma}
 
 
+def ddpm_loss(
+    net_fn: ModelFn,
+    params,
+    x0: jax.Array,
+    key: jax.Array,
+    *,
+    alphas_cumprod: jax.Array,
+    prediction: str,
+) -> tuple[jax.Array, Metrics]:
+    """mean((F(x_t, t) - target)^2), t ~ U{0..T-1}, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
+
+    target: eps (epsilon) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (v_prediction); the mean
+    is over pixels, as diffusers' training scripts. `net_fn(params, x_t, t, dropout_key)` is the
+    bare network on the VP sample and the float timestep. Metrics: 'sigma' = sqrt((1-abar)/abar)
+    (the EDM level of t) and 'timestep' t.
+    """
+    k_t, k_z, k_drop = jax.random.split(key, 3)
+    ac = jnp.asarray(alphas_cumprod, jnp.float32)
+    t = jax.random.randint(k_t, (x0.shape[0],), 0, ac.shape[0])
+    eps = jax.random.normal(k_z, x0.shape, jnp.float32)
+    abar = ac[t]
+    if prediction == "epsilon":
+        target = eps
+    elif prediction == "v_prediction":
+        target = vp.velocity(x0, eps, alpha_bar=abar)
+    else:
+        raise ValueError(f"unknown VP prediction: {prediction!r}; choose epsilon or v_prediction")
+    out = net_fn(params, vp.q_sample(x0, eps, alpha_bar=abar), t.astype(jnp.float32), k_drop)
+    losses = l2(out.astype(jnp.float32), target)
+    sigma = jnp.sqrt((1.0 - abar) / abar)
+    return _check_per_example(losses, x0.shape[0]), {"sigma": sigma, "timestep": t}
+
+
 # teacher_step(x_t, t, t2, x0, z) -> x_t2: the one ODE step that forms the target's input.
 TeacherStep = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -107,22 +141,37 @@ def _discrete_consistency_loss(
     grid,
     index_sampler,
     skip: int = 1,
+    sigma_table=None,
     **kw,
 ) -> tuple[jax.Array, Metrics]:
     """Pairs (t_i, t_{i+k}) of the N-point grid, k = skip: i ~ U{0, ..., N-1-k} (or the sampler).
 
-    The index is drawn as for N - k + 1 points, so skip = 1 draws exactly as before.
+    The index is drawn as for N - k + 1 points, so skip = 1 draws exactly as before. With a
+    `sigma_table` (a VP teacher's timesteps) the pairs are LCM's instead (`_table_pairs`).
     """
     k_idx, k_z, k_drop = jax.random.split(key, 3)
-    pairs = num_scales if skip == 1 else num_scales - (skip - 1)
-    index = (index_sampler or sample_train_indices)(k_idx, x0.shape[0], pairs)
-    t = karras_sigma(index, num_scales, **grid)
-    t2 = karras_sigma(index + skip, num_scales, **grid)
+    if sigma_table is not None:
+        t, t2, index = _table_pairs(k_idx, x0.shape[0], sigma_table=sigma_table, skip=skip)
+    else:
+        pairs = num_scales if skip == 1 else num_scales - (skip - 1)
+        index = (index_sampler or sample_train_indices)(k_idx, x0.shape[0], pairs)
+        t = karras_sigma(index, num_scales, **grid)
+        t2 = karras_sigma(index + skip, num_scales, **grid)
     z = jax.random.normal(k_z, x0.shape, jnp.float32)
     losses = consistency_loss_at(
         consistency_fn, params, target_params, teacher_step, x0, t, t2, z, k_drop, **kw
     )
     return losses, {"sigma": t, "index": index}
+
+
+def _table_pairs(key: jax.Array, batch: int, *, sigma_table: jax.Array, skip: int):
+    """LCM's pairs on a discrete teacher's levels: timestep t = (i+1) k - 1, i ~ U{0..N//k - 1},
+    to max(t - k, 0) (train_lcm_distill_sd_wds.py's DDIMSolver grid). Returns (sigma, sigma', t).
+    """
+    table = jnp.asarray(sigma_table, jnp.float32)
+    count = table.shape[0] // skip
+    start = (jax.random.randint(key, (batch,), 0, count) + 1) * skip - 1
+    return table[start], table[vp.lcm_skip_end(start, skip=skip)], start
 
 
 def consistency_distillation_loss(
@@ -142,14 +191,18 @@ def consistency_distillation_loss(
     rho: float = RHO,
     index_sampler: IndexSampler | None = None,
     skip: int = 1,
+    sigma_table: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """L_CD^N: lambda(t_i) d(f_theta(x_{t_i}, t_i), f_theta-(x^phi_{t_{i+1}}, t_{i+1})).
 
     i ~ U{0, ..., N-2}, or `index_sampler` (e.g. iCT's discretised lognormal). skip = k > 1:
     the pair (t_i, t_{i+k}), which the teacher crosses in ONE solver step (LCM's skipping step).
+    sigma_table: a discrete (VP) teacher's levels of its timesteps 0..T-1, which replace the
+    Karras grid: the pair is timestep t -> max(t - k, 0) of LCM's grid (`_table_pairs`), and
+    the metrics' 'index' is the start timestep t.
 
-    x^phi_{t_{i+1}} is one `solver` step (Heun or Euler, from `ode`) of the frozen EDM teacher
-    `teacher_denoise(x, sigma)` from x_{t_i} = x0 + t_i z.
+    x^phi_{t_{i+1}} is one `solver` step (Heun, Euler, DDIM or DPM-Solver-2, from `ode`) of the
+    frozen teacher denoiser `teacher_denoise(x, sigma)` from x_{t_i} = x0 + t_i z.
     """
 
     def teacher_step(x_t, t, t2, x0, z):
@@ -169,6 +222,7 @@ def consistency_distillation_loss(
         weighting=weighting,
         index_sampler=index_sampler,
         skip=skip,
+        sigma_table=sigma_table,
     )
 
 

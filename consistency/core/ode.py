@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from consistency.core.parameterization import broadcast_to
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
-SOLVERS = ("heun", "euler")
+SOLVERS = ("heun", "euler", "ddim", "dpm_solver_2")
 
 
 def _per_example(sigma: jax.Array, x: jax.Array) -> jax.Array:
@@ -35,12 +35,40 @@ def heun_step(denoise: Denoiser, x: jax.Array, sigma: jax.Array, sigma_next: jax
     return x + dt * (d + d_next) / 2
 
 
+def ddim_step(denoise: Denoiser, x: jax.Array, sigma: jax.Array, sigma_next: jax.Array):
+    """DDIM (eta = 0) in EDM variables: x' = D + (sigma'/sigma)(x - D), D = D(x, sigma).
+
+    With x = x_vp/alpha_t and sigma_t = sqrt((1 - abar_t)/abar_t) this is exactly DDIM's
+    sqrt(abar') x0 + sqrt(1 - abar') eps between any two timesteps, and equals the Euler step.
+    """
+    s, s_next = _per_example(sigma, x), _per_example(sigma_next, x)
+    d = denoise(x, s)
+    return d + broadcast_to(s_next / s, x) * (x - d)
+
+
+def dpm_solver_2_step(denoise: Denoiser, x: jax.Array, sigma: jax.Array, sigma_next: jax.Array):
+    """DPM-Solver++(2S), midpoint in lambda = -ln sigma: u = DDIM to sigma_u = sqrt(sigma sigma'),
+    then x' = D(u, sigma_u) + (sigma'/sigma)(x - D(u, sigma_u)) (Lu et al. 2022b, r = 1/2).
+
+    Two evaluations, local error O(h^3) in h = ln(sigma/sigma'); sigma' must be > 0.
+    """
+    s, s_next = _per_example(sigma, x), _per_example(sigma_next, x)
+    s_mid = jnp.sqrt(s * s_next)
+    u = ddim_step(denoise, x, s, s_mid)
+    d_mid = denoise(u, s_mid)
+    return d_mid + broadcast_to(s_next / s, x) * (x - d_mid)
+
+
 def get_solver(name: str) -> Callable:
-    """The PF-ODE step by name: 'heun' or 'euler'."""
+    """The PF-ODE step by name: 'heun', 'euler', 'ddim' or 'dpm_solver_2'."""
     if name == "heun":
         return heun_step
     if name == "euler":
         return euler_step
+    if name == "ddim":
+        return ddim_step
+    if name == "dpm_solver_2":
+        return dpm_solver_2_step
     raise ValueError(f"unknown solver: {name!r}; choose one of {SOLVERS}")
 
 
@@ -76,6 +104,24 @@ def euler_sampler(
     def body(x, pair):
         s, s_next = pair
         return euler_step(denoise, x, s, s_next), None
+
+    x, _ = jax.lax.scan(body, x_T, (sigmas[:-1], sigmas[1:]))
+    return x
+
+
+def ddim_sampler(
+    denoise: Denoiser, x_T: jax.Array, sigmas: jax.Array, *, clip_denoised: bool = True
+) -> jax.Array:
+    """DDIM (eta = 0) over sigmas [N+1] ending in 0 (`ddim_step`; the last step returns D).
+
+    On a VP model's levels of descending timesteps this is diffusers' DDIMScheduler with the
+    final abar = 1: N network evaluations.
+    """
+    denoise = clipped(denoise) if clip_denoised else denoise
+
+    def body(x, pair):
+        s, s_next = pair
+        return ddim_step(denoise, x, s, s_next), None
 
     x, _ = jax.lax.scan(body, x_T, (sigmas[:-1], sigmas[1:]))
     return x

@@ -50,6 +50,55 @@ def lcm_scalings(
     return c_skip, c_out
 
 
+def vp_scalings(sigma: jax.Array, *, prediction: str) -> Scalings:
+    """A discrete VP model F(x_vp, t) as an EDM denoiser D(x, sigma), x = x_vp / alpha_t.
+
+    c_in = 1/sqrt(sigma^2 + 1) (so c_in x = x_vp); epsilon: D = x - sigma F (c_skip = 1,
+    c_out = -sigma); v_prediction: D = x/(sigma^2 + 1) - sigma F/sqrt(sigma^2 + 1) (EDM's
+    scalings at sigma_data = 1 with c_out negated). k-diffusion's DiscreteEps/VDDPMDenoiser.
+    """
+    sigma = jnp.asarray(sigma, jnp.float32)
+    c_in = 1.0 / jnp.sqrt(sigma**2 + 1.0)
+    if prediction == "epsilon":
+        return jnp.ones_like(sigma), -sigma, c_in
+    if prediction == "v_prediction":
+        return c_in**2, -sigma * c_in, c_in
+    raise ValueError(f"unknown VP prediction: {prediction!r}; choose epsilon or v_prediction")
+
+
+def vp_boundary_scalings(
+    sigma: jax.Array, *, prediction: str, sigma_data: float = SIGMA_DATA, sigma_min: float
+) -> Scalings:
+    """The consistency function of a VP network: EDM's boundary scalings on the F that its
+    denoiser D_vp implies, F_edm = (D_vp - c_skip_edm x)/c_out_edm.
+
+    f = c_skip_b x + r (D_vp - c_skip_edm x), r = c_out_b/c_out_edm = (sigma - eps)/sigma:
+    f(x, eps) = x exactly, and f is the same function of F_edm as an EDM-network student's (so
+    a student copied from its VP teacher starts as f ~ D_vp, as an EDM student starts as D).
+    """
+    sigma = jnp.asarray(sigma, jnp.float32)
+    skip_b, _, _ = boundary_scalings(sigma, sigma_data=sigma_data, sigma_min=sigma_min)
+    skip_edm, _, _ = edm_scalings(sigma, sigma_data=sigma_data)
+    skip_vp, out_vp, c_in = vp_scalings(sigma, prediction=prediction)
+    r = (sigma - sigma_min) / sigma
+    return skip_b + r * (skip_vp - skip_edm), r * out_vp, c_in
+
+
+def vp_timestep(sigma: jax.Array, *, sigmas: jax.Array) -> jax.Array:
+    """c_noise = t, the DDPM timestep of sigma: linear in ln sigma between the timesteps' levels.
+
+    `sigmas` [N] are the levels of t = 0..N-1 (increasing); a level of the grid gives its
+    integer t exactly, levels outside it are clamped to [0, N-1] (k-diffusion's sigma_to_t).
+    """
+    table = jnp.asarray(sigmas, jnp.float32)
+    s = jnp.clip(jnp.asarray(sigma, jnp.float32), table[0], table[-1])
+    hi = jnp.clip(jnp.searchsorted(table, s, side="right"), 1, table.shape[0] - 1)
+    lo = hi - 1
+    log_lo = jnp.log(table[lo])
+    frac = (jnp.log(s) - log_lo) / (jnp.log(table[hi]) - log_lo)
+    return lo.astype(jnp.float32) + frac
+
+
 def trigflow_time(sigma: jax.Array, *, sigma_data: float = SIGMA_DATA) -> jax.Array:
     """t = arctan(sigma / sd): TrigFlow time of the EDM noise level sigma = sd tan t (sCM)."""
     return jnp.arctan(jnp.asarray(sigma, jnp.float32) / sigma_data)

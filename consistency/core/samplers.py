@@ -10,7 +10,7 @@ import numpy as np
 from consistency.core.schedules import RHO, SIGMA_MAX, SIGMA_MIN, karras_sigmas_float64
 
 ConsistencyFn = Callable[[jax.Array, jax.Array], jax.Array]
-SAMPLER_KINDS = ("consistency", "heun", "progressive")
+SAMPLER_KINDS = ("consistency", "heun", "progressive", "ddim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +19,9 @@ class SamplerSpec:
 
     consistency: Algorithm 1 at `sigmas` (one step: (sigma_max,)); heun: an EDM model by Heun on
     a `steps`-point Karras grid (2 steps - 1 evaluations); progressive: a PD student's `steps`
-    Euler steps on its ramp, then its denoiser at sigma_min (steps + 1 evaluations). guidance:
+    Euler steps on its ramp, then its denoiser at sigma_min (steps + 1 evaluations); ddim: a
+    discrete VP teacher by DDIM (Euler in EDM variables) from the levels `sigmas` of its
+    timesteps to 0 (one evaluation each). guidance:
     LCM's w, the input of a guided consistency model or the CFG scale of a heun teacher with a
     null class (None: the model takes none).
     """

@@ -1,5 +1,6 @@
 """Discrete VP (DDPM) teachers: betas, x0/eps conversions, DDIM, LCM's skip grid and sampler."""
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -116,6 +117,58 @@ def predicted_eps(
 def ddim_step(x0: jax.Array, eps: jax.Array, *, alpha_bar_prev: jax.Array) -> jax.Array:
     """DDIM (eta = 0): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps."""
     return q_sample(x0, eps, alpha_bar=alpha_bar_prev)
+
+
+def velocity(x0: jax.Array, eps: jax.Array, *, alpha_bar: jax.Array) -> jax.Array:
+    """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0: the v-prediction target (get_velocity)."""
+    alpha, sigma = alpha_sigma(alpha_bar)
+    return broadcast_to(alpha, x0) * eps - broadcast_to(sigma, x0) * x0
+
+
+def discrete_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """sigma_t = sqrt((1 - abar_t)/abar_t) for t < N (float64 math, float32 out): the EDM noise
+    levels of the DDPM timesteps, x_edm = x_vp / sqrt(abar_t), increasing in t."""
+    ac = np.asarray(alphas_cumprod, np.float64)
+    return np.sqrt((1.0 - ac) / ac).astype(np.float32)
+
+
+def ddim_timesteps(*, num_train_timesteps: int, num_inference_steps: int) -> np.ndarray:
+    """DDIM's "trailing" spacing: round(N - i N/n) - 1 for i < n, descending from N - 1.
+
+    (diffusers' DDIMScheduler with timestep_spacing="trailing"; the last step goes to abar = 1.)
+    """
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(f"num_inference_steps {num_inference_steps} not in [1, N]")
+    ratio = num_train_timesteps / num_inference_steps
+    ts = np.round(num_train_timesteps - np.arange(num_inference_steps) * ratio)
+    return ts.astype(np.int64) - 1
+
+
+VP_PREDICTIONS = {"vp_eps": "epsilon", "vp_v": "v_prediction"}  # parameterization -> prediction
+
+
+@dataclasses.dataclass(frozen=True)
+class VPSchedule:
+    """A discrete VP (DDPM) teacher's schedule and prediction type, the model's VP half."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    prediction: str = "epsilon"  # epsilon | v_prediction
+
+    def alphas_cumprod(self) -> np.ndarray:
+        betas = ddpm_betas(
+            schedule=self.beta_schedule,
+            num_train_timesteps=self.num_train_timesteps,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+        )
+        return alphas_cumprod(betas)
+
+    def sigmas(self) -> np.ndarray:
+        """The EDM noise level of every timestep, [N] increasing (`discrete_sigmas`)."""
+        return discrete_sigmas(self.alphas_cumprod())
 
 
 def alpha_bar_at(

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from consistency.core import distances, guidance, losses, ode, parameterization, schedules
+from consistency.core import distances, guidance, losses, ode, parameterization, schedules, vp
 from consistency.core.schedules import Curriculum, NoiseGrid
 
 INDEX_SAMPLINGS = ("uniform", "lognormal")
@@ -21,6 +21,8 @@ ECT_SCALINGS = ("edm", "boundary")  # the scalings ECT trains with (it samples w
 # How a method's models are sampled ('autoencoder': not at all; latent.vae reads its export).
 SAMPLERS = ("consistency", "diffusion", "progressive", "autoencoder")
 ALL_DISTANCES = distances.DISTANCES + ("lpips",)
+VP_PARAMETERIZATIONS = tuple(vp.VP_PREDICTIONS)  # discrete VP (DDPM) networks: eps or v
+TEACHERS = ("edm", "ddpm")  # rows whose runs are CD teachers (diffusion models)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +88,48 @@ class Method:
 
 
 def noise_grid(config) -> NoiseGrid:
-    """The configured noise range and Karras exponent (model.sigma_min, sigma_max, rho)."""
+    """The configured noise range and Karras exponent (model.sigma_min, sigma_max, rho); a VP
+    model's range is its timesteps' levels sigma(0), sigma(T-1) (model.sigma_min/max unused)."""
     m = config.model
+    discrete = vp_schedule(config)
+    if discrete is not None:
+        sigmas = discrete.sigmas()
+        return NoiseGrid(sigma_min=float(sigmas[0]), sigma_max=float(sigmas[-1]), rho=m.rho)
     return NoiseGrid(sigma_min=m.sigma_min, sigma_max=m.sigma_max, rho=m.rho)
+
+
+def vp_schedule(config) -> vp.VPSchedule | None:
+    """The DDPM schedule (model.vp.*) of a model.parameterization='vp_eps' / 'vp_v' network."""
+    m = config.model
+    if m.parameterization not in vp.VP_PREDICTIONS:
+        return None
+    v = m.vp
+    return vp.VPSchedule(
+        num_train_timesteps=v.num_train_timesteps,
+        beta_start=v.beta_start,
+        beta_end=v.beta_end,
+        beta_schedule=v.beta_schedule,
+        prediction=vp.VP_PREDICTIONS[m.parameterization],
+    )
+
+
+def _vp_problems(config) -> list[str]:
+    """model.vp.* of a VP network, one line per bad key."""
+    v, out = config.model.vp, []
+    n = v.num_train_timesteps
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        out.append(f"model.vp.num_train_timesteps={n!r}: must be an integer >= 2 (DDPM: 1000)")
+    if v.beta_schedule not in vp.BETA_SCHEDULES:
+        out.append(
+            f"model.vp.beta_schedule: unknown {v.beta_schedule!r}; choose one of "
+            f"{vp.BETA_SCHEDULES}"
+        )
+    if not 0 < v.beta_start <= v.beta_end < 1:
+        out.append(
+            f"model.vp.beta_start={v.beta_start}, beta_end={v.beta_end}: need 0 < beta_start "
+            "<= beta_end < 1 (DDPM: 0.0001, 0.02; Stable Diffusion: 0.00085, 0.012)"
+        )
+    return out
 
 
 def _curriculum(config, **overrides) -> Curriculum:
@@ -125,10 +166,7 @@ class EDM(Method):
     null_class: int = -1
 
     def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
-        y = batch["label"]
-        if self.label_dropout > 0:  # a key of its own: runs without dropout draw as before
-            k_drop = jax.random.fold_in(key, 0x1AB)
-            y = guidance.drop_labels(y, k_drop, rate=self.label_dropout, null_class=self.null_class)
+        y = _dropped_labels(batch["label"], key, self.label_dropout, self.null_class)
         return losses.edm_loss(
             lambda p, x, s, k: fns.denoiser(p, x, s, y, k),
             params,
@@ -141,21 +179,73 @@ class EDM(Method):
 
     @classmethod
     def from_config(cls, config):
-        t, d, m = config.training, config.data, config.model
-        if not 0 <= t.label_dropout < 1:
-            raise ValueError(f"training.label_dropout={t.label_dropout}: must be in [0, 1)")
-        if t.label_dropout > 0 and not (d.class_conditional and m.null_label):
-            raise ValueError(
-                "training.label_dropout > 0 needs data.class_conditional and model.null_label "
-                "(the null class data.num_classes)"
-            )
+        t = config.training
         return cls(
-            sigma_data=m.sigma_data,
+            sigma_data=config.model.sigma_data,
             p_mean=t.edm_p_mean,
             p_std=t.edm_p_std,
-            label_dropout=t.label_dropout,
-            null_class=d.num_classes,
+            **_label_dropout_fields(config),
         )
+
+
+def _dropped_labels(y, key, rate: float, null_class: int):
+    """y with each label -> null_class at `rate` (CFG teachers), from a key of its own, so runs
+    without dropout draw as before."""
+    if rate <= 0:
+        return y
+    k_drop = jax.random.fold_in(key, 0x1AB)
+    return guidance.drop_labels(y, k_drop, rate=rate, null_class=null_class)
+
+
+def _label_dropout_fields(config) -> dict[str, Any]:
+    """training.label_dropout and the null class, checked (the teachers' rows)."""
+    t, d, m = config.training, config.data, config.model
+    if not 0 <= t.label_dropout < 1:
+        raise ValueError(f"training.label_dropout={t.label_dropout}: must be in [0, 1)")
+    if t.label_dropout > 0 and not (d.class_conditional and m.null_label):
+        raise ValueError(
+            "training.label_dropout > 0 needs data.class_conditional and model.null_label "
+            "(the null class data.num_classes)"
+        )
+    return dict(label_dropout=t.label_dropout, null_class=d.num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPM(Method):
+    """DDPM (Ho et al. 2020): a discrete VP teacher, the eps- or v-MSE at uniform timesteps.
+
+    The network sees x_vp = c_in x and the integer timestep, as diffusers' UNets; as a denoiser
+    (model.parameterization='vp_eps' / 'vp_v') it is D = x - sigma eps in EDM variables, so it
+    is sampled (DDIM) and distilled (cd, guided_cd) like an EDM teacher on its timesteps' levels.
+    """
+
+    name: ClassVar[str] = "ddpm"
+    samples_as: ClassVar[str] = "diffusion"
+    parameterizations: ClassVar[tuple[str, ...]] = VP_PARAMETERIZATIONS
+    discrete: vp.VPSchedule = vp.VPSchedule()
+    label_dropout: float = 0.0  # labels -> null_class with this probability (CFG teachers)
+    null_class: int = -1
+
+    def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
+        y = _dropped_labels(batch["label"], key, self.label_dropout, self.null_class)
+        return losses.ddpm_loss(
+            lambda p, x_in, t, k: fns.raw(p, x_in, t, y, k),
+            params,
+            batch["image"],
+            key,
+            alphas_cumprod=self.discrete.alphas_cumprod(),
+            prediction=self.discrete.prediction,
+        )
+
+    @classmethod
+    def from_config(cls, config):
+        discrete = vp_schedule(config)
+        if discrete is None:
+            raise ValueError(
+                f"model.parameterization={config.model.parameterization!r}: training.loss='ddpm' "
+                f"takes one of {VP_PARAMETERIZATIONS}"
+            )
+        return cls(discrete=discrete, **_label_dropout_fields(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,17 +325,7 @@ class CT(Method):
                 f"use training.loss='pd' (not {cls.name!r})"
             )
         curriculum = _curriculum(config)
-        first_n = int(curriculum(jnp.int32(0))[1])  # N(k) only grows: the smallest grid
-        if t.skip_steps > 1 and t.index_sampling != "uniform":
-            raise ValueError(
-                f"training.skip_steps={t.skip_steps} takes training.index_sampling='uniform' "
-                f"(not {t.index_sampling!r}); or set training.skip_steps=1"
-            )
-        if not 1 <= t.skip_steps < first_n:
-            raise ValueError(
-                f"training.skip_steps={t.skip_steps}: must be in [1, N - 1] for the smallest grid "
-                f"N = {first_n} (training.start_scales); lower it or raise the grid size"
-            )
+        cls._check_pairs(config, curriculum)
         return dict(
             grid=noise_grid(config),
             schedule_spec=curriculum,
@@ -258,17 +338,45 @@ class CT(Method):
         )
 
     @classmethod
+    def _check_pairs(cls, config, curriculum: Curriculum) -> None:
+        """training.skip_steps and index_sampling against the smallest grid N(0)."""
+        t = config.training
+        first_n = int(curriculum(jnp.int32(0))[1])  # N(k) only grows: the smallest grid
+        if t.skip_steps > 1 and t.index_sampling != "uniform":
+            raise ValueError(
+                f"training.skip_steps={t.skip_steps} takes training.index_sampling='uniform' "
+                f"(not {t.index_sampling!r}); or set training.skip_steps=1"
+            )
+        if not 1 <= t.skip_steps < first_n:
+            raise ValueError(
+                f"training.skip_steps={t.skip_steps}: must be in [1, N - 1] for the smallest grid "
+                f"N = {first_n} (training.start_scales); lower it or raise the grid size"
+            )
+
+    @classmethod
     def from_config(cls, config):
         return cls(**cls._fields(config))
 
 
 @dataclasses.dataclass(frozen=True)
 class CD(CT):
-    """Discrete consistency distillation: one Heun/Euler step of the frozen EDM teacher."""
+    """Discrete consistency distillation: one ODE step (Heun, Euler, DDIM, DPM-Solver-2) of the
+    frozen teacher. A VP teacher (model.parameterization='vp_eps' / 'vp_v', a 'ddpm' run) is
+    distilled on its own timesteps: the pairs t -> max(t - k, 0) of LCM's grid (k =
+    training.skip_steps), the student f_theta the same network with EDM's boundary scalings
+    (parameterization.vp_boundary_scalings, boundary at sigma(t = 0))."""
 
     name: ClassVar[str] = "cd"
     needs_teacher: ClassVar[bool] = True
+    parameterizations: ClassVar[tuple[str, ...]] = ("edm", "trigflow") + VP_PARAMETERIZATIONS
     solver: str = "heun"
+    discrete: vp.VPSchedule | None = None  # a VP teacher's schedule: its timesteps are the grid
+
+    def _kwargs(self, distance, step):
+        kw = super()._kwargs(distance, step)
+        if self.discrete is None:
+            return kw
+        return {**kw, "sigma_table": self.discrete.sigmas()}
 
     def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
         y = batch["label"]
@@ -284,6 +392,29 @@ class CD(CT):
         )
 
     @classmethod
+    def _fields(cls, config) -> dict[str, Any]:
+        return {**super()._fields(config), "discrete": vp_schedule(config)}
+
+    @classmethod
+    def _check_pairs(cls, config, curriculum: Curriculum) -> None:
+        """A VP teacher's grid is its T timesteps (LCM's pairs): k in [1, T-1], fixed, uniform."""
+        discrete, t = vp_schedule(config), config.training
+        if discrete is None:
+            return super()._check_pairs(config, curriculum)
+        n = discrete.num_train_timesteps
+        if t.scale_mode != "fixed" or t.index_sampling != "uniform":
+            raise ValueError(
+                f"training.scale_mode={t.scale_mode!r}, index_sampling={t.index_sampling!r}: a VP "
+                f"teacher's grid is its model.vp.num_train_timesteps={n} timesteps; set "
+                "scale_mode='fixed' and index_sampling='uniform'"
+            )
+        if not 1 <= t.skip_steps < n:
+            raise ValueError(
+                f"training.skip_steps={t.skip_steps}: must be in [1, {n - 1}] for the VP "
+                f"teacher's model.vp.num_train_timesteps={n} timesteps (LCM: 20 of 1,000)"
+            )
+
+    @classmethod
     def from_config(cls, config):
         return cls(**cls._fields(config), solver=config.training.solver)
 
@@ -292,9 +423,10 @@ class CD(CT):
 class GuidedCD(CD):
     """Guided CD (LCM, Luo et al. 2023): CD on the classifier-free-guided PF-ODE, w embedded.
 
-    Per example w ~ U[w_min, w_max]; the teacher step (Heun/Euler, `skip_steps` grid points at
-    once) runs on D_w = D(x, s, y) + w (D(x, s, y) - D(x, s, null)), LCM's convention (the
-    usual guidance scale is 1 + w; w = 0: the conditional teacher). Guiding D guides x0 and eps
+    Per example w ~ U[w_min, w_max]; the teacher step (training.solver, `skip_steps` grid points
+    at once; a VP teacher's DDIM step is LCM's) runs on D_w = D(x, s, y) + w (D(x, s, y) -
+    D(x, s, null)), LCM's convention (the usual guidance scale is 1 + w; w = 0: the
+    conditional teacher). Guiding D guides x0 and eps
     alike, as LCM does. The student and its EMA target f(x, t, y, w) see the same w.
     """
 
@@ -638,8 +770,9 @@ class VAE(Method):
 
 
 # The table: training.loss -> its row.
+# DDPM: the discrete VP (eps / v) teachers that cd and guided_cd also distil.
 # VAE: the autoencoder of latent models (latent.vae), sampled by no mode.
-ROWS = (EDM, CD, CT, PD, ECT, CDContinuous, CTContinuous, SCT, SCD, GuidedCD, VAE)
+ROWS = (EDM, CD, CT, PD, ECT, CDContinuous, CTContinuous, SCT, SCD, GuidedCD, VAE, DDPM)
 METHODS: dict[str, type[Method]] = {row.name: row for row in ROWS}
 LOSSES = tuple(METHODS)
 
@@ -678,6 +811,8 @@ def problems(config) -> list[str]:
             f"model.parameterization={m.parameterization!r}: training.loss={t.loss!r} takes "
             f"one of {cls.parameterizations}"
         )
+    if m.parameterization in VP_PARAMETERIZATIONS:
+        out += _vp_problems(config)
     if cls.needs_logvar and m.logvar_features < 1:
         out.append(
             f"model.logvar_features: training.loss={t.loss!r} needs > 0 (the learned weighting)"

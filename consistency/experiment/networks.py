@@ -22,7 +22,7 @@ from consistency.models.unet import UNet
 MODELS = ("unet", "ncsnpp", "adm", "autoencoder_kl")  # autoencoder_kl: training.loss='vae'
 
 
-PARAMETERIZATIONS = ("edm", "trigflow")
+PARAMETERIZATIONS = ("edm", "trigflow") + methods.VP_PARAMETERIZATIONS
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -183,20 +183,27 @@ def model_fn(network: Network, config, kind: str) -> Callable:
     """fn(params, x, sigma[B], y, dropout_key, guidance=None) -> c_skip x + c_out F: consistency
     fn or denoiser; guidance is w [B] of a guided network.
 
-    kind 'consistency' uses the boundary-condition scalings, 'edm' the EDM teacher scalings.
+    kind 'consistency' uses the boundary-condition scalings, 'edm' the EDM teacher scalings. A VP
+    network (vp_eps / vp_v) sees c_in x = x_vp and its timestep c_noise = t(sigma); its denoiser
+    is D = x - sigma eps (or the v form), its consistency function EDM's boundary scalings on
+    that D with the boundary at sigma(t = 0) (parameterization.vp_boundary_scalings).
     """
     m = config.model
-    if kind == "consistency":
-        scalings = functools.partial(
-            parameterization.boundary_scalings, sigma_data=m.sigma_data, sigma_min=m.sigma_min
-        )
-    else:
-        scalings = functools.partial(parameterization.edm_scalings, sigma_data=m.sigma_data)
-    noise_cond = parameterization.get_noise_conditioning(network.noise_cond)
-    if _choice(m.parameterization, PARAMETERIZATIONS, "model.parameterization") == "trigflow":
+    chosen = _choice(m.parameterization, PARAMETERIZATIONS, "model.parameterization")
+    if chosen in methods.VP_PARAMETERIZATIONS:
+        scalings, noise_cond = _vp_scalings(config, kind)
+    elif chosen == "trigflow":
         # sCM: one form for denoiser and consistency function, c_noise = t = arctan(sigma/sd).
         scalings = functools.partial(parameterization.trigflow_scalings, sigma_data=m.sigma_data)
         noise_cond = functools.partial(parameterization.trigflow_time, sigma_data=m.sigma_data)
+    else:
+        noise_cond = parameterization.get_noise_conditioning(network.noise_cond)
+        if kind == "consistency":
+            scalings = functools.partial(
+                parameterization.boundary_scalings, sigma_data=m.sigma_data, sigma_min=m.sigma_min
+            )
+        else:
+            scalings = functools.partial(parameterization.edm_scalings, sigma_data=m.sigma_data)
 
     def fn(params, x, sigma, y, dropout_key, guidance=None):
         net = lambda x_in, c: network.apply(params, x_in, c, y, dropout_key, guidance)
@@ -205,6 +212,22 @@ def model_fn(network: Network, config, kind: str) -> Callable:
         )
 
     return fn
+
+
+def _vp_scalings(config, kind: str):
+    """(scalings, c_noise) of a VP network: the denoiser's or the consistency function's."""
+    discrete, grid = methods.vp_schedule(config), methods.noise_grid(config)
+    noise_cond = functools.partial(parameterization.vp_timestep, sigmas=discrete.sigmas())
+    if kind == "consistency":
+        scalings = functools.partial(
+            parameterization.vp_boundary_scalings,
+            prediction=discrete.prediction,
+            sigma_data=config.model.sigma_data,
+            sigma_min=grid.sigma_min,
+        )
+    else:
+        scalings = functools.partial(parameterization.vp_scalings, prediction=discrete.prediction)
+    return scalings, noise_cond
 
 
 def model_fns(network: Network, config) -> methods.ModelFns:

@@ -25,19 +25,22 @@ def make_sampler(
     null_class=None,
 ):
     """jitted fn(params, key, sample_ids, labels, guidance=None) -> images in [-1, 1] for one
-    batch; guidance: w [B] (default sampler.guidance), for heun the CFG of D(y) + w (D(y) -
-    D(null_class)).
+    batch; guidance: w [B] (default sampler.guidance), for heun and ddim the CFG of D(y) + w
+    (D(y) - D(null_class)).
 
     Sample k's noise is fold_in(key, k): the images do not depend on the batch split.
     clip_output=False leaves the result unclamped (latents, which are decoded afterwards).
     """
     clip = sampler.clip_denoised
     w_of = functools.partial(_guidance, default=sampler.guidance)
-    if sampler.kind in ("heun", "progressive"):
+    if sampler.kind in ("heun", "progressive", "ddim"):
         n = sampler.steps
         if sampler.kind == "heun":
             sigmas = schedules.karras_sigmas(n, **grid.kwargs(), append_zero=True)
             solve = ode.heun_sampler
+        elif sampler.kind == "ddim":  # a VP teacher's timesteps' levels from sigma(T-1) to 0
+            sigmas = jnp.append(jnp.asarray(sampler.sigmas, jnp.float32), 0.0)
+            solve = ode.ddim_sampler
         else:  # PD's Euler steps on its ramp, then D(x, sigma_min) (jcm's final Euler step to 0)
             ramp = schedules.progdist_sigmas(jnp.arange(n + 1), n, **grid.kwargs())[0]
             sigmas, solve = jnp.append(ramp, 0.0), ode.euler_sampler

@@ -7,7 +7,7 @@ noise grid, the sampler) are frozen objects built here once; nothing jitted read
 
 import numpy as np
 
-from consistency.core import samplers
+from consistency.core import samplers, vp
 from consistency.core.samplers import SamplerSpec
 from consistency.experiment import latent, methods, networks, paths, train_state
 from consistency.io import data
@@ -305,7 +305,8 @@ def sampler(config, setting: str | None = None) -> SamplerSpec:
 
     Consistency models: "1" is one step from sigma_max, "i0,i1,...,N-1" indices ts on the
     sampling.steps grid (Algorithm 1), "sigma=80,0.821" explicit noise levels. EDM teachers:
-    "N" is Heun on an N-point grid; PD students: "N" Euler steps. Without a setting:
+    "N" is Heun on an N-point grid; VP (ddpm) teachers: N DDIM steps; PD students: "N" Euler
+    steps. Without a setting:
     sampling.sigmas, else sampling.timesteps (diffusers' order), else sampling.ts, else one
     step (teachers: sampling.teacher_steps; PD: its last stage's N).
     """
@@ -313,6 +314,8 @@ def sampler(config, setting: str | None = None) -> SamplerSpec:
     kind = methods.row(config.training.loss).samples_as
     clip = s.clip_denoised
     w = sampling_guidance(config)
+    if kind == "diffusion" and methods.vp_schedule(config) is not None:
+        return _ddim_sampler(config, setting, clip, w)
     if kind in ("diffusion", "progressive"):
         name = "heun" if kind == "diffusion" else "progressive"
         if setting is None:
@@ -348,6 +351,27 @@ def sampler(config, setting: str | None = None) -> SamplerSpec:
         clip_denoised=clip,
         guidance=w,
     )
+
+
+def _ddim_sampler(config, setting: str | None, clip: bool, w: float | None) -> SamplerSpec:
+    """A VP teacher's DDIM: sampling.teacher_steps (or setting 'N') trailing timesteps' levels."""
+    if setting is not None and (not setting.isdigit() or int(setting) < 1):
+        raise ValueError(
+            f"eval.settings: training.loss={config.training.loss!r} takes 'N' (DDIM steps), "
+            f"not {setting!r}"
+        )
+    steps = config.sampling.teacher_steps if setting is None else int(setting)
+    discrete = methods.vp_schedule(config)
+    if steps > discrete.num_train_timesteps:
+        raise ValueError(
+            f"DDIM steps {steps} > model.vp.num_train_timesteps={discrete.num_train_timesteps}: "
+            "lower sampling.teacher_steps (or the eval setting)"
+        )
+    ts = vp.ddim_timesteps(
+        num_train_timesteps=discrete.num_train_timesteps, num_inference_steps=steps
+    )
+    sigmas = tuple(float(s) for s in discrete.sigmas()[ts])
+    return SamplerSpec(kind="ddim", sigmas=sigmas, steps=steps, clip_denoised=clip, guidance=w)
 
 
 def sampling_guidance(config) -> float | None:

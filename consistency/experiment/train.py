@@ -61,8 +61,8 @@ def checkpoint_meta(config, expected_params) -> dict:
 
 
 def check_teacher(meta: dict, config, where) -> None:
-    """A teacher is a diffusion model: an 'edm' run with the student's parameterization (the
-    teacher's network is applied with the student's scalings)."""
+    """A teacher is a diffusion model: an 'edm' (or, VP, 'ddpm') run with the student's
+    parameterization (the teacher's network is applied with the student's scalings)."""
     wanted = config.model.parameterization
     method, found = meta.get("method"), meta.get("parameterization")
     if method is None:  # written before checkpoints recorded what they are
@@ -74,12 +74,12 @@ def check_teacher(meta: dict, config, where) -> None:
                 flush=True,
             )
         return
-    if method != "edm" or found != wanted:
+    if method not in methods.TEACHERS or found != wanted:
         raise checkpoints.ModelMismatchError(
             f"training.teacher_checkpoint {where} holds a training.loss={method!r} model "
             f"(samples as {meta.get('samples_as')!r}, model.parameterization={found!r}); a "
             f"{config.training.loss!r} teacher must be a diffusion model: a training.loss='edm' "
-            f"run with model.parameterization={wanted!r}"
+            f"run (VP: 'ddpm') with model.parameterization={wanted!r}"
         )
 
 
