@@ -398,3 +398,28 @@ def test_ddpm_losses_ddpm_loss_rejects_an_unknown_prediction():
         )
     with pytest.raises(ValueError, match="unknown sampler kind"):
         SamplerSpec(kind="dpm")
+
+
+def test_lcd_digits_vp_teacher_then_vp_student_one_step_each(tmp_path):
+    """configs/lcd_digits.py:vp_teacher (ddpm, DDIM grids) then :vp_student from its
+    checkpoint: one real step each on the digits; the student starts as the teacher (plus the
+    zero guidance projection) and the pipeline samples it."""
+    from consistency.experiment import train
+    from consistency.experiment.pipeline import ConsistencyPipeline
+
+    runs = {}
+    for variant in ("vp_teacher", "vp_student"):
+        config = lcd_digits.get_config(variant)
+        config.model.unet.update(channels=8, channel_mult=(1,), attn_resolutions=())
+        config.training.update(batch_size=8, num_steps=1, log_every=1, snapshot_every=1)
+        config.sampling.update(grid_size=2, batch_size=2, teacher_steps=4)
+        config.eval.every_steps = 0
+        config.data.num_threads = 1
+        if variant == "vp_student":
+            config.training.teacher_checkpoint = str(runs["vp_teacher"] / "checkpoints")
+        runs[variant] = tmp_path / variant
+        state = train.train_and_evaluate(config, str(runs[variant]))
+        assert int(state.step) == 1 and (runs[variant] / "samples" / "grid_0000001.png").exists()
+    pipe = ConsistencyPipeline.from_workdir(runs["vp_student"])
+    images = pipe(batch_size=3, guidance_scale=3.0, output_type="np", seed=1)
+    assert images.shape == (3, 8, 8, 1) and np.isfinite(images).all()

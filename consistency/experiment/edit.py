@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from consistency.core import editing, samplers
-from consistency.experiment import latent, networks, sample, spec
+from consistency.experiment import latent, methods, networks, sample, spec
 from consistency.io import image_io
 
 
@@ -44,12 +44,12 @@ def _fit(images: np.ndarray, config) -> np.ndarray:
 
 def make_edit_fn(config, network: networks.Network):
     """jitted fn(params, images, mask, labels, ids) -> (edited, reference) for edit.task."""
-    e, m = config.edit, config.model
+    e, grid = config.edit, methods.noise_grid(config)  # a VP model's: its timesteps' range
     task, p, noise_sigma = e.task, e.patch_size, e.noise_sigma
     cm = _consistency_fn(config, network)
     sampler, key = spec.edit_sampler(config), jax.random.key(e.seed)
     sigmas = np.asarray(sampler.sigmas, np.float32)
-    levels = dict(sigma_min=m.sigma_min, sigma_max=m.sigma_max)
+    levels = dict(sigma_min=grid.sigma_min, sigma_max=grid.sigma_max)
     opts = dict(key=key, clip_denoised=sampler.clip_denoised, **levels)
 
     def fn(params, images, mask, labels, ids):
@@ -90,7 +90,7 @@ def _interpolate(config, network, params):
     """Pairs of latents z0, z1 (fold_in(seed, pair)) and f(T slerp(z0, z1, a)) along a."""
     e, d = config.edit, config.data
     cm = _consistency_fn(config, network)
-    ids, sigma_max = np.arange(e.num_pairs), config.model.sigma_max
+    ids, sigma_max = np.arange(e.num_pairs), methods.noise_grid(config).sigma_max
     shape, key = (d.image_size, d.image_size, d.num_channels), jax.random.key(e.seed)
     alphas = jnp.linspace(0.0, 1.0, e.num_interpolations)
     clip = not latent.enabled(config)  # latents are decoded, then clipped
