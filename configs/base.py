@@ -5,15 +5,19 @@ import ml_collections
 
 def _data() -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
-    d.name = "digits"  # digits cifar10 imagenet64 imagenet64_chrabaszcz lsun_bedroom image_folder
+    # digits fashion_mnist cifar10 imagenet64 imagenet64_chrabaszcz lsun_bedroom image_folder
+    d.name = "digits"
     d.split = "train"  # split read for training
     d.data_dir = ""  # tensorflow-datasets data_dir ('' = TFDS default, ~/tensorflow_datasets)
-    d.folder = ""  # image_folder: images (LSUN cat, custom data); imagenet64: a prepared folder
+    # image_folder: images (LSUN cat, custom data); imagenet64: a prepared folder; fashion_mnist:
+    # the four idx .gz files ('' = /usr/share/datasets/fashion-mnist, dataset-fashion-mnist)
+    d.folder = ""
     d.image_size = 8  # images are centre-cropped / resized to this square size
     d.num_channels = 1  # 1 (digits) or 3 (RGB)
     d.random_flip = False  # random horizontal flips (the references flip CIFAR/ImageNet/LSUN)
     d.class_conditional = False  # feed class labels to the network
     d.num_classes = 10  # classes of the label embedding when class_conditional
+    d.classes = ()  # () = every class; else only the records of these labels (kept as they are)
     d.num_threads = 4  # grain reader threads per process
     return d
 
@@ -193,13 +197,14 @@ def _eval() -> ml_collections.ConfigDict:
     e.checkpoint_steps = ()  # checkpoints to score: () = the latest, else each listed step
     e.settings = ("1",)  # samplers: '1' one step | 'i0,...,N-1' ts | 'sigma=80,0.8' | EDM: 'N'
     # | 'search' or 'search=lo,hi': ternary search on FID of i in the two-step ts (0, i, N-1)
-    e.features = "inception"  # inception (FID Inception-v3) | digits (the digits classifier)
+    # inception (FID Inception-v3) | digits | fashion_mnist: that dataset's small classifier
+    e.features = "inception"
     e.inception_path = ""  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
     e.resize = "torch"  # Inception's 299 px resize: torch (pytorch-fid) | tf1 (ADM) | clean_legacy
     e.reference = ""  # ADM reference batch or mu/sigma npz; '' = computed from reference_split
     e.reference_split = "train"  # dataset split of a computed reference (cached: e.cache_dir)
     e.reference_limit = 50000  # computed reference: its first this many images (0 = all)
-    e.cache_dir = ""  # digits classifier and reference statistics ('' = WORKDIR/eval/cache)
+    e.cache_dir = ""  # dataset classifiers and reference statistics ('' = WORKDIR/eval/cache)
     e.batch_size = 256  # images per sampling and feature call (global; a multiple of devices)
     e.chunk_size = 5000  # sample ids per resumable shard (a rerun reuses finished shards)
     e.save_samples = True  # keep the uint8 samples in the shards too (not only features)

@@ -26,12 +26,26 @@ def feature_kind(config) -> str:
     return kind
 
 
+def classifier_folder(config, kind: str) -> str:
+    """Where a dataset classifier's training data are: data.folder when the run reads that
+    dataset (fashion_mnist's idx files), else the dataset's default ('')."""
+    return config.data.folder if kind != "digits" and config.data.name == kind else ""
+
+
+def classifier_params(config, cache_dir: pathlib.Path, kind: str) -> dict:
+    """The cached (else trained) params of the classifier of eval.features=kind (digits.py)."""
+    hparams = digits.CLASSIFIERS[kind]
+    return digits.load_or_train(cache_dir, hparams, folder=classifier_folder(config, kind))
+
+
 def make_extractor(config, cache_dir: pathlib.Path):
     """uint8 NHWC images -> {"pool": [B, D] (FID, P/R, KID), "logits": [B, K] (IS)
-    [, "spatial": sFID]}: the FID Inception or the digits classifier."""
+    [, "spatial": sFID]}: the FID Inception or a dataset classifier (digits, fashion_mnist)."""
     e = config.eval
-    if feature_kind(config) == "digits":
-        fn = digits.make_feature_fn(digits.load_or_train(cache_dir))
+    kind = feature_kind(config)
+    if kind in digits.CLASSIFIERS:
+        params = classifier_params(config, cache_dir, kind)
+        fn = digits.make_feature_fn(params, digits.CLASSIFIERS[kind])
 
         def digits_features(images):
             out = fn(images)
@@ -103,10 +117,10 @@ def _setting_dir(
 
 
 def feature_network_id(config, workdir, kind: str) -> str:
-    """A digest of the feature network: the Inception weights file and eval.resize, or the
-    digits classifier's params (a function of its hyper-parameters and training data)."""
-    if kind == "digits":
-        return digits.params_digest(digits.load_or_train(cache_dir(config, workdir)))
+    """A digest of the feature network: the Inception weights file and eval.resize, or a
+    dataset classifier's params (a function of its hyper-parameters and training data)."""
+    if kind in digits.CLASSIFIERS:
+        return digits.params_digest(classifier_params(config, cache_dir(config, workdir), kind))
     path = pathlib.Path(config.eval.inception_path).resolve()
     return f"{paths.file_digest(path)}:{config.eval.resize}"
 
@@ -165,10 +179,13 @@ def reference_statistics(features: dict) -> dict[str, np.ndarray]:
 
 
 def split_features(config, split: str, extract, mesh, *, limit: int = 0) -> dict:
-    """Features of the first `limit` (0: all) images of a dataset split, read as training reads
-    them (data.Preprocess, no flips) and quantised back to the uint8 the samples meet."""
+    """Features of the first `limit` (0: all) images of a dataset split (of data.classes), read
+    as training reads them (data.Preprocess, no flips) and quantised back to the uint8 the
+    samples meet."""
     d, e = config.data, config.eval
-    source = data.make_source(d.name, split=split, data_dir=d.data_dir or None, folder=d.folder)
+    source = data.make_source(
+        d.name, split=split, data_dir=d.data_dir or None, folder=d.folder, classes=d.classes
+    )
     n = len(source) if limit <= 0 else min(limit, len(source))
     # The images themselves, also for a latent model (its samples are decoded before features).
     prep = data.Preprocess(*latent.image_shape(config), random_flip=False)
@@ -224,16 +241,19 @@ def reference(config, workdir, extract, mesh, kind: str) -> tuple[dict, str]:
         return ref, str(path)
     tag = [d.name, d.data_dir, d.folder, e.reference_split, *latent.image_shape(config),
            e.reference_limit, kind, network_tag]  # fmt: skip
+    if d.classes:  # a class subset (data.classes) is its own reference; () keeps the old tag
+        tag.append([int(c) for c in d.classes])
     cache = path_for(cache_dir(config, workdir), "reference", tag)
     compute = lambda: reference_statistics(
         split_features(config, e.reference_split, extract, mesh, limit=e.reference_limit)
     )
     limit = f", first {e.reference_limit}" if e.reference_limit > 0 else ""
-    return _cached(cache, compute), f"{d.name}:{e.reference_split}{limit}"
+    classes = f", classes {tuple(d.classes)}" if d.classes else ""
+    return _cached(cache, compute), f"{d.name}:{e.reference_split}{limit}{classes}"
 
 
 def cache_dir(config, workdir) -> pathlib.Path:
-    """Where the digits classifier and reference statistics are cached: eval.cache_dir, or
+    """Where the dataset classifiers and reference statistics are cached: eval.cache_dir, or
     WORKDIR/eval/cache. Entries are named by a hash of what made them, so runs can share one."""
     return pathlib.Path(config.eval.cache_dir or pathlib.Path(workdir) / "eval" / "cache")
 
@@ -243,16 +263,23 @@ def path_for(directory, stem: str, tag) -> pathlib.Path:
     return pathlib.Path(directory) / f"{stem}-{digest}.npz"
 
 
-def score(samples: dict, ref: dict, *, kind: str) -> dict[str, float]:
-    """FID, and sFID, IS, precision/recall (k = 3) and KID where the features and reference allow.
+def class_labels(config, kind: str, labels: np.ndarray):
+    """The labels class-conditional samples were asked for, when a dataset classifier scores
+    them (score's class accuracy); None otherwise (Inception's classes are not the data's)."""
+    return labels if config.data.class_conditional and kind in digits.CLASSIFIERS else None
+
+
+def score(samples: dict, ref: dict, *, kind: str, labels=None) -> dict[str, float]:
+    """FID, and sFID, IS, precision/recall (k = 3) and KID where the features and reference allow;
+    with `labels` (class_labels), class_accuracy: argmax of the classifier's logits == label.
 
     Frechet distances use scipy's sqrtm for Inception features (the numbers pytorch-fid and the
-    ADM evaluator report) and the eigenvalue form for the digits features and whenever there are
-    no more samples than dimensions (the same quantity, well defined at low rank).
+    ADM evaluator report) and the eigenvalue form for the classifier features and whenever there
+    are no more samples than dimensions (the same quantity, well defined at low rank).
     """
 
     def frechet(features, mu, sigma):
-        low_rank = kind == "digits" or len(features) <= features.shape[1]
+        low_rank = kind in digits.CLASSIFIERS or len(features) <= features.shape[1]
         stats = metrics.feature_statistics(features)
         return metrics.frechet_distance(*stats, mu, sigma, method="eig" if low_rank else "sqrtm")
 
@@ -263,6 +290,8 @@ def score(samples: dict, ref: dict, *, kind: str) -> dict[str, float]:
     if "pool" in ref:
         out["precision"], out["recall"] = metrics.precision_recall(ref["pool"], samples["pool"])
         out["kid"], out["kid_std"] = metrics.kernel_inception_distance(samples["pool"], ref["pool"])
+    if labels is not None:
+        out["class_accuracy"] = metrics.class_accuracy(samples["logits"], labels)
     return out
 
 
@@ -330,7 +359,8 @@ class _Scorer:
         )
         if jax.process_index() != 0:
             return None
-        result = score(samples, self.ref, kind=self.kind)
+        labels = class_labels(self.config, self.kind, samples["labels"])
+        result = score(samples, self.ref, kind=self.kind, labels=labels)
         shown = "  ".join(f"{k} {v:.4g}" for k, v in result.items())
         print(f"step {step} setting {setting}: {shown}  ({time.time() - start:.1f} s)")
         for name, value in result.items():
@@ -382,7 +412,7 @@ def run_eval(config, workdir) -> dict[int, dict]:
     [0, eval.num_samples) are generated in chunks of eval.chunk_size: every global batch is
     spread over the device mesh (each process computes its rows; sample k's noise is
     fold_in(seed, k)), quantised to uint8 once and passed through the feature network (the FID
-    Inception, or the digits classifier). Process 0 writes each finished chunk (features, labels
+    Inception, or a dataset classifier). Process 0 writes each finished chunk (features, labels
     and optionally the images) to WORKDIR/eval/step_{k}/{setting}-{hash}/; a rerun reuses the
     chunks it finds, so an interrupted evaluation resumes. The metrics go to
     WORKDIR/eval/metrics_step{k}.json and to TensorBoard (eval/{setting}/{metric}).

@@ -241,14 +241,17 @@ def decoded(sample_fn, decode: DecodeFn | None):
 
 
 def training_source(config, workdir):
-    """The random-access source training reads: the latent cache, or the configured images."""
+    """The random-access source training reads: the latent cache (every class encoded once), or
+    the configured images; either one only of data.classes when given."""
     d = config.data
     if enabled(config):
         problems = cache_problems(config, workdir)
         if problems:
             raise FileNotFoundError(problems[0])
-        return latents.LatentSource(cache_dir(config, workdir))
-    return data.make_source(d.name, split=d.split, data_dir=d.data_dir or None, folder=d.folder)
+        return data.filter_classes(latents.LatentSource(cache_dir(config, workdir)), d.classes)
+    return data.make_source(
+        d.name, split=d.split, data_dir=d.data_dir or None, folder=d.folder, classes=d.classes
+    )
 
 
 def _images(source, d, ids) -> np.ndarray:

@@ -41,10 +41,11 @@ class TrainingEval:
         ids = np.arange(e.num_samples)
         results = {}
         for setting, fn in self.sample_fns.items():
-            images, _ = evaluate.sample_ids(self.config, fn, ema_params, ids, self.mesh)
+            images, labels = evaluate.sample_ids(self.config, fn, ema_params, ids, self.mesh)
             features = evaluate.features_of(images, self.extract, self.mesh, e.batch_size)
             if jax.process_index() == 0:
-                results[setting] = evaluate.score(features, self.ref, kind=self.kind)
+                labels = evaluate.class_labels(self.config, self.kind, labels)
+                results[setting] = evaluate.score(features, self.ref, kind=self.kind, labels=labels)
         if jax.process_index() != 0:
             return results
         self.record["steps"][str(step)] = results

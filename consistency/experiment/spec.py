@@ -11,11 +11,11 @@ from consistency.core import samplers, vp
 from consistency.core.samplers import SamplerSpec
 from consistency.experiment import latent, methods, networks, paths, train_state
 from consistency.io import data
-from consistency.measure import inception
+from consistency.measure import digits, inception
 
 MODES = ("train", "sample", "edit", "eval", "encode")  # encode: a latent model's dataset
 TASKS = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
-FEATURES = ("inception", "digits")
+FEATURES = ("inception", *digits.CLASSIFIERS)  # the FID Inception or a dataset's classifier
 ATTENTION = ("plain", "xla", "cudnn", "none")
 DEFAULT_EDIT_EVALUATIONS = 4  # network evaluations of the default edit.ts (Algorithm 4 steps)
 
@@ -214,9 +214,46 @@ def _edit_problems(config) -> list[str]:
     return out
 
 
+def _data_problems(config, mode: str) -> list[str]:
+    """data.classes: () or distinct labels in [0, data.num_classes) (labels are not renumbered,
+    so a class-conditional network keeps its rows and can be sampled at the other classes), and
+    FID of a class subset from samples of those classes; fashion_mnist's splits."""
+    d, out = config.data, []
+    scored = mode == "eval" or (mode == "train" and config.eval.every_steps)
+    if d.classes and d.class_conditional and scored and config.sampling.class_label < 0:
+        # sample.sample_labels draws random labels from every class: FID would compare them
+        # with a reference of data.classes alone.
+        out.append(
+            f"data.classes={d.classes!r} with data.class_conditional: FID samples draw random "
+            "labels from all data.num_classes classes (sampling.class_label=-1) but the "
+            "reference holds data.classes only; set sampling.class_label to one of them"
+            + (" or eval.every_steps=0" if mode == "train" else "")
+        )
+    classes = d.classes if isinstance(d.classes, tuple | list) else (d.classes,)
+    in_range = all(_int(0)(c) and c < d.num_classes for c in classes)
+    if not in_range or len(set(classes)) != len(classes):
+        out.append(
+            f"data.classes={d.classes!r}: must be () (every class) or distinct labels in "
+            f"[0, data.num_classes={d.num_classes})"
+        )
+    if d.name == "fashion_mnist" and d.split not in ("train", "test"):
+        out.append(f"data.split={d.split!r}: fashion_mnist has 'train' and 'test'")
+    return out
+
+
 def _eval_problems(config, num_devices: int | None, mode: str) -> list[str]:
     e = config.eval
     out = _rule_problems(config, _EVAL_RULES)
+    if e.features in digits.INPUT_SHAPES:
+        d, lat = config.data, config.latent
+        side = lat.image_size if lat.vae else d.image_size  # a latent model's decoded images
+        want = digits.INPUT_SHAPES[e.features]
+        if (side and side != want[0]) or (not lat.vae and d.num_channels != want[2]):
+            out.append(
+                f"eval.features={e.features!r}: its classifier takes {want[0]}x{want[0]}x"
+                f"{want[2]} images, but data.image_size / num_channels"
+                f"{' (latent.image_size)' if lat.vae else ''} give other images"
+            )
     if not e.settings:
         out.append("eval.settings is empty: give e.g. ('1',) or ('1', '0,22,39')")
     for setting in e.settings:
@@ -252,6 +289,7 @@ def problems(config, *, mode: str = "train", num_devices: int | None = None) -> 
         out.append(f"training.ema_rates={t.ema_rates}: give rates in [0, 1)")
     out += methods.problems(config)
     out += latent.problems(config, mode)
+    out += _data_problems(config, mode)
     if mode == "train":
         out += _training_problems(config, bad, num_devices)
     if out:  # the checks below build specs from the keys above

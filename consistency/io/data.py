@@ -1,4 +1,4 @@
-"""Image data: tfds ArrayRecord sources, image folders, the bundled digits; batched by grain."""
+"""Image data: tfds ArrayRecord sources, image folders, digits, Fashion-MNIST; batched by grain."""
 
 import dataclasses
 import pathlib
@@ -8,10 +8,11 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
-from consistency.io import imagenet
+from consistency.io import fashion_mnist, imagenet
 
 DATASETS = (
-    "digits", "cifar10", "imagenet64", "imagenet64_chrabaszcz", "lsun_bedroom", "image_folder",
+    "digits", "fashion_mnist", "cifar10", "imagenet64", "imagenet64_chrabaszcz", "lsun_bedroom",
+    "image_folder",
 )  # fmt: skip
 # Our names -> tensorflow-datasets names (read as ArrayRecord through tfds.data_source).
 TFDS_NAMES = {
@@ -57,6 +58,39 @@ class DigitsSource:
 
     def __getitem__(self, index: int) -> dict:
         return {"image": self._images[index], "label": self._labels[index]}
+
+
+def source_labels(source) -> np.ndarray:
+    """Every record's label: a source's `labels` array where it has one, else read record by
+    record (an image folder knows its labels without decoding)."""
+    for attr in ("labels", "_labels"):
+        if getattr(source, attr, None) is not None:
+            return np.asarray(getattr(source, attr), np.int64)
+    return np.asarray([int(source[i]["label"]) for i in range(len(source))], np.int64)
+
+
+class ClassSubset:
+    """The records of a source whose label is one of `classes` (data.classes), labels unchanged
+    (a class-conditional network keeps its data.num_classes rows)."""
+
+    def __init__(self, source, classes):
+        self.source, self.classes = source, tuple(int(c) for c in classes)
+        labels = source_labels(source)
+        self.index = np.flatnonzero(np.isin(labels, self.classes))
+        self.labels = labels[self.index].astype(np.int32)
+        if not len(self.index):
+            raise ValueError(f"data.classes={self.classes}: no record has one of these labels")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.source[int(self.index[index])]
+
+
+def filter_classes(source, classes):
+    """source unchanged for classes = () (every class), else its ClassSubset."""
+    return ClassSubset(source, classes) if len(classes) else source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,10 +220,19 @@ def _tfds_source(name: str, *, split: str, data_dir: str | None):
         ) from None
 
 
-def make_source(name: str, *, split: str = "train", data_dir: str | None = None, folder=None):
-    """A random-access source of {'image': uint8 HWC, 'label': int} records."""
+def make_source(
+    name: str, *, split: str = "train", data_dir: str | None = None, folder=None, classes=()
+):
+    """A random-access source of {'image': uint8 HWC, 'label': int} records; with `classes`,
+    only the records of those labels (filter_classes)."""
+    return filter_classes(_source(name, split=split, data_dir=data_dir, folder=folder), classes)
+
+
+def _source(name: str, *, split: str, data_dir: str | None, folder):
     if name == "digits":
         return DigitsSource(split)
+    if name == "fashion_mnist":
+        return fashion_mnist.FashionMNISTSource(split, folder or fashion_mnist.FOLDER)
     if name == "image_folder":
         if not folder:
             raise ValueError("data.name='image_folder' needs data.folder set to an image directory")

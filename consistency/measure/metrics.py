@@ -139,6 +139,15 @@ def inception_score(
     return float(np.mean(scores))
 
 
+def class_accuracy(logits, labels) -> float:
+    """mean_k [argmax_c logits[k, c] == labels[k]]: with a classifier's logits of class-
+    conditional samples and the labels they were asked for, how often the class is recognised."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"logits [N, classes] and labels [N]; got {logits.shape}, {labels.shape}")
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
 # ---------------------------------------------------------------------------------------------
 # Improved precision and recall (Kynkaanniemi et al. 2019), as the ADM evaluator computes them
 
