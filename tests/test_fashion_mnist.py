@@ -189,3 +189,30 @@ def test_eval_scores_fashion_mnist_with_its_classifier(tmp_path, monkeypatch):
     assert np.isfinite(result["fid"]) and 0.0 <= result["class_accuracy"] <= 1.0
     config.data.class_conditional = False
     assert evaluate.class_labels(config, "fashion_mnist", labels) is None
+
+
+def test_vae_fashion_trains_encode_then_data_classes_pick_latents(tmp_path):
+    """configs/vae_fashion.py (tiny widths) trains 2 steps on the 32x32 images and exports its
+    vae/; latent_fashion's --mode=encode encodes every class once; data.classes then selects
+    the training latents of those labels from the one cache."""
+    from configs import latent_fashion, vae_fashion
+    from consistency.experiment import encode, latent, train
+
+    stored = fake_fashion(tmp_path / "data")
+    config = vae_fashion.get_config()
+    config.data.update(folder=str(tmp_path / "data"), num_threads=1)
+    config.model.autoencoder_kl.update(block_out_channels=(8, 8, 8), norm_num_groups=4)
+    config.training.update(batch_size=8, num_steps=2, log_every=1, snapshot_every=2)
+    config.sampling.grid_size = 8
+    train.train_and_evaluate(config, str(tmp_path / "vae_run"))
+    user = latent_fashion.get_config()
+    user.data.folder = str(tmp_path / "data")
+    user.latent.update(vae=str(tmp_path / "vae_run"), batch_size=8)
+    assert latent.latent_shape(user) == (8, 4) and not latent.shape_problems(user)
+    encode.run(user, str(tmp_path / "latent_run"))
+    every = latent.training_source(user, str(tmp_path / "latent_run"))
+    np.testing.assert_array_equal(every.labels, stored["train"][1])
+    user.data.classes = (1, 2)
+    part = latent.training_source(user, str(tmp_path / "latent_run"))
+    assert len(part) == 6 and {int(part[i]["label"]) for i in range(6)} == {1, 2}
+    assert part[0]["latent"].shape == (8, 8, 4)
