@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from consistency.experiment import evaluate, spec
+from consistency.experiment import evaluate, sample, spec
 from consistency.io import data, fashion_mnist, sharding
 from consistency.measure import digits, metrics
 
@@ -116,11 +116,7 @@ def test_classes_and_features_are_validated_in_one_line_each():
     for bad in [(10,), (-1,), (2, 2)]:
         (line,) = [p for p in _problems(data__classes=bad) if p.startswith("data.classes")]
         assert "distinct labels in [0, data.num_classes=10)" in line
-    (line,) = _problems(data__classes=(1, 2), data__class_conditional=True)
-    assert "sampling.class_label" in line
-    assert not _problems(
-        data__classes=(1, 2), data__class_conditional=True, sampling__class_label=1
-    )
+    assert not _problems(data__classes=(1, 2), data__class_conditional=True)
     config = base.get_config()
     config.data.update(name="fashion_mnist", image_size=32, classes=(0, 1))
     config.eval.features = "fashion_mnist"
@@ -216,3 +212,15 @@ def test_vae_fashion_trains_encode_then_data_classes_pick_latents(tmp_path):
     part = latent.training_source(user, str(tmp_path / "latent_run"))
     assert len(part) == 6 and {int(part[i]["label"]) for i in range(6)} == {1, 2}
     assert part[0]["latent"].shape == (8, 8, 4)
+
+
+def test_random_sample_labels_come_from_data_classes():
+    """FID samples of a class subset draw their labels from data.classes (the reference's)."""
+    config = base.get_config()
+    config.data.update(class_conditional=True, num_classes=10, classes=(3, 7))
+    labels = sample.sample_labels(config, np.arange(400))
+    assert set(labels.tolist()) == {3, 7} and 150 < (labels == 3).sum() < 250
+    config.data.classes = ()
+    assert len(set(sample.sample_labels(config, np.arange(400)).tolist())) == 10
+    config.sampling.class_label = 5
+    assert set(sample.sample_labels(config, np.arange(10)).tolist()) == {5}

@@ -156,7 +156,9 @@ def consistency_sampler(config, network: networks.Network):
 
 
 def sample_labels(config, ids: np.ndarray) -> np.ndarray:
-    """Class labels per sample id: the configured class, or uniform draws from fold_in(seed, id)."""
+    """Class labels per sample id: the configured class, or uniform draws from fold_in(seed, id)
+    over data.classes where set (the classes trained on and in the FID reference), else over
+    every class."""
     d, s = config.data, config.sampling
     if not d.class_conditional:
         return np.zeros(len(ids), np.int32)
@@ -164,6 +166,9 @@ def sample_labels(config, ids: np.ndarray) -> np.ndarray:
         if s.class_label >= d.num_classes:
             raise ValueError(f"sampling.class_label {s.class_label} >= data.num_classes")
         return np.full(len(ids), s.class_label, np.int32)
+    if d.classes:
+        classes = np.asarray(d.classes, np.int32)
+        return classes[random_labels(jax.random.key(s.seed), ids, len(classes))]
     return random_labels(jax.random.key(s.seed), ids, d.num_classes)
 
 

@@ -216,19 +216,9 @@ def _edit_problems(config) -> list[str]:
 
 def _data_problems(config, mode: str) -> list[str]:
     """data.classes: () or distinct labels in [0, data.num_classes) (labels are not renumbered,
-    so a class-conditional network keeps its rows and can be sampled at the other classes), and
-    FID of a class subset from samples of those classes; fashion_mnist's splits."""
+    so a class-conditional network keeps its rows and can be sampled at the other classes);
+    fashion_mnist's splits."""
     d, out = config.data, []
-    scored = mode == "eval" or (mode == "train" and config.eval.every_steps)
-    if d.classes and d.class_conditional and scored and config.sampling.class_label < 0:
-        # sample.sample_labels draws random labels from every class: FID would compare them
-        # with a reference of data.classes alone.
-        out.append(
-            f"data.classes={d.classes!r} with data.class_conditional: FID samples draw random "
-            "labels from all data.num_classes classes (sampling.class_label=-1) but the "
-            "reference holds data.classes only; set sampling.class_label to one of them"
-            + (" or eval.every_steps=0" if mode == "train" else "")
-        )
     classes = d.classes if isinstance(d.classes, tuple | list) else (d.classes,)
     in_range = all(_int(0)(c) and c < d.num_classes for c in classes)
     if not in_range or len(set(classes)) != len(classes):
