@@ -102,6 +102,7 @@ def _training() -> ml_collections.ConfigDict:
     t.skip_steps = 1  # cd/ct/guided_cd: pairs (t_i, t_{i+k}) of the N grid, one teacher step (LCM)
     # guided_cd: w ~ U[guidance_min, guidance_max] per example, LCM's convention: the teacher is
     # D(y) + w (D(y) - D(null)), i.e. the usual guidance scale 1 + w (w = 0: conditional teacher).
+    # ct with a guided network (LCF): the same w given to the online and the target network.
     t.guidance_min = 0.0
     t.guidance_max = 4.0
     t.target_ema_mode = "fixed"  # fixed | adaptive (mu(k))
@@ -129,6 +130,10 @@ def _training() -> ml_collections.ConfigDict:
     t.teacher_checkpoint = ""  # CD: checkpoint dir of the EDM teacher (an edm run's checkpoints)
     t.teacher_ema_index = 0  # which EMA copy of the teacher checkpoint to distill
     t.init_from_teacher = False  # start the student from the teacher (CD as the references)
+    # Start params, target and EMA from a consistency model's checkpoint dir of this very network
+    # (LCF: a guided_cd student's, guidance_proj included); '' = a fresh or teacher init.
+    t.init_checkpoint = ""
+    t.init_ema_index = 0  # which EMA copy of training.init_checkpoint to start from
     t.edm_p_mean = -1.2  # EDM: ln sigma ~ N(p_mean, p_std^2)
     t.edm_p_std = 1.2  # EDM: see edm_p_mean
     t.label_dropout = 0.0  # edm/ddpm: label -> the null class at this rate (needs null_label)

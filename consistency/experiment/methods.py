@@ -51,7 +51,8 @@ class Method:
     # model.parameterization values it trains (TrigFlow: one form for denoiser and f_theta).
     parameterizations: ClassVar[tuple[str, ...]] = ("edm", "trigflow")
     needs_logvar: ClassVar[bool] = False  # sCM's learned weighting (model.logvar_features > 0)
-    guided: ClassVar[bool] = False  # the student takes LCM's guidance scale w (embedded)
+    # A guided student (model.guidance_embed_dim > 0: LCM's w, embedded) may be trained.
+    guided: ClassVar[bool] = False
     takes_skip: ClassVar[bool] = False  # training.skip_steps: pairs k points apart on the grid
     # training.distance values it takes (() = it has its own); aliases say what a name means here.
     distances: ClassVar[tuple[str, ...]] = ()
@@ -255,6 +256,7 @@ class CT(Method):
     name: ClassVar[str] = "ct"
     distances: ClassVar[tuple[str, ...]] = ALL_DISTANCES
     takes_skip: ClassVar[bool] = True
+    guided: ClassVar[bool] = True  # LCF: fine-tune a guided student, w given to both copies
     grid: NoiseGrid = NoiseGrid()
     schedule_spec: Curriculum = Curriculum()
     weighting: str = "uniform"
@@ -263,10 +265,18 @@ class CT(Method):
     p_mean: float = -1.1  # iCT's lognormal pairs
     p_std: float = 2.0
     skip_steps: int = 1  # pairs (t_i, t_{i+k}) of the N-point grid (LCM's skipping step)
+    guided_net: bool = False  # the network takes w (model.guidance_embed_dim > 0)
+    w_min: float = 0.0  # a guided network's w ~ U[w_min, w_max] per example
+    w_max: float = 0.0
 
     @property
     def curriculum(self) -> Curriculum:
         return self.schedule_spec
+
+    def sample_w(self, key, batch: int) -> jax.Array:
+        """w ~ U[w_min, w_max] per example, from a key of its own (the pairs draw as unguided)."""
+        k_w = jax.random.fold_in(key, 0x6C3)
+        return jax.random.uniform(k_w, (batch,), minval=self.w_min, maxval=self.w_max)
 
     @property
     def keeps_target(self) -> bool:
@@ -306,15 +316,20 @@ class CT(Method):
         return target_params if self.keeps_target else params  # stop_gradient is in the loss
 
     def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
+        """CT; a guided network (LCF, Luo et al. 2023) is the online and the target f(x, t, y, w)
+        at one w per example."""
         y = batch["label"]
-        return losses.consistency_training_loss(
-            lambda p, x, s, k: fns.consistency(p, x, s, y, k),
+        w = self.sample_w(key, y.shape[0]) if self.guided_net else None
+        kw = {} if w is None else {"guidance": w}
+        per, metrics = losses.consistency_training_loss(
+            lambda p, x, s, k: fns.consistency(p, x, s, y, k, **kw),
             params,
             self._target(params, target_params),
             batch["image"],
             key,
             **self._kwargs(distance, step),
         )
+        return per, metrics if w is None else {**metrics, "w": w}
 
     @classmethod
     def _fields(cls, config) -> dict[str, Any]:
@@ -355,7 +370,19 @@ class CT(Method):
 
     @classmethod
     def from_config(cls, config):
-        return cls(**cls._fields(config))
+        guided = config.model.guidance_embed_dim > 0
+        return cls(**cls._fields(config), **(_guidance_fields(config) if guided else {}))
+
+
+def _guidance_fields(config) -> dict[str, Any]:
+    """A guided student's w range (training.guidance_min/max), checked (guided_cd, ct)."""
+    t = config.training
+    if not t.guidance_min <= t.guidance_max:
+        raise ValueError(
+            f"training.guidance_min={t.guidance_min} > training.guidance_max="
+            f"{t.guidance_max}: give w_min <= w_max"
+        )
+    return dict(guided_net=True, w_min=t.guidance_min, w_max=t.guidance_max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +395,7 @@ class CD(CT):
 
     name: ClassVar[str] = "cd"
     needs_teacher: ClassVar[bool] = True
+    guided: ClassVar[bool] = False  # its teacher step has no w: guided_cd
     parameterizations: ClassVar[tuple[str, ...]] = ("edm", "trigflow") + VP_PARAMETERIZATIONS
     solver: str = "heun"
     discrete: vp.VPSchedule | None = None  # a VP teacher's schedule: its timesteps are the grid
@@ -432,8 +460,6 @@ class GuidedCD(CD):
 
     name: ClassVar[str] = "guided_cd"
     guided: ClassVar[bool] = True
-    w_min: float = 0.0
-    w_max: float = 0.0
     null_class: int = -1
 
     def guided_teacher(self, denoise: Callable, teacher_params, y, w) -> Callable:
@@ -448,11 +474,6 @@ class GuidedCD(CD):
             return guidance.guided_lcm(cond, uncond, w=w)
 
         return fn
-
-    def sample_w(self, key, batch: int) -> jax.Array:
-        """w ~ U[w_min, w_max] per example, from a key of its own (the pairs draw as CD's)."""
-        k_w = jax.random.fold_in(key, 0x6C3)
-        return jax.random.uniform(k_w, (batch,), minval=self.w_min, maxval=self.w_max)
 
     def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
         y = batch["label"]
@@ -482,16 +503,10 @@ class GuidedCD(CD):
                 "training.loss='guided_cd' needs model.guidance_embed_dim > 0 (the student's w "
                 "input; LCM: 256)"
             )
-        if not t.guidance_min <= t.guidance_max:
-            raise ValueError(
-                f"training.guidance_min={t.guidance_min} > training.guidance_max="
-                f"{t.guidance_max}: give w_min <= w_max"
-            )
         return cls(
             **cls._fields(config),
+            **_guidance_fields(config),
             solver=t.solver,
-            w_min=t.guidance_min,
-            w_max=t.guidance_max,
             null_class=d.num_classes,
         )
 
@@ -834,7 +849,8 @@ def problems(config) -> list[str]:
     if m.guidance_embed_dim > 0 and not cls.guided:
         out.append(
             f"model.guidance_embed_dim={m.guidance_embed_dim}: training.loss={t.loss!r} does not "
-            "train a guided student; set it to 0 (or training.loss='guided_cd')"
+            "train a guided student; set it to 0 (or training.loss='guided_cd'; 'ct' fine-tunes "
+            "one: LCF)"
         )
     if t.skip_steps != 1 and not cls.takes_skip:
         out.append(

@@ -139,6 +139,9 @@ def problems(config, *, mode: str, workdir: str | None = None) -> list[str]:
             key = "training.teacher_checkpoint"
             found = found or _checkpoint_dir(pathlib.Path(t.teacher_checkpoint), key)
             out += found or _teacher_network(config, pathlib.Path(t.teacher_checkpoint))
+        if t.init_checkpoint:  # its network is checked against this one's when it is read
+            key = "training.init_checkpoint"
+            out += _checkpoint_dir(pathlib.Path(t.init_checkpoint), key)
         if t.distance == "lpips":
             for key, what in _LPIPS_FILES.items():
                 out += _file(t[key], f"training.{key}", what + " for training.distance='lpips'")

@@ -91,6 +91,7 @@ _RULES = {
     "training.scm_warmup_steps": (_int(0), "an integer >= 0"),
     "training.distill_steps_per_iter": (_int(1), "a positive integer"),
     "training.teacher_ema_index": (_int(0), "an integer >= 0"),
+    "training.init_ema_index": (_int(0), "an integer >= 0"),
     "training.lpips_pool": (lambda v: v in networks.LPIPS_POOLS, f"one of {networks.LPIPS_POOLS}"),
     "training.lpips_resize": (_int(0), "an integer >= 0"),
     "training.log_every": (_int(1), "a positive integer"),
@@ -165,6 +166,11 @@ def _training_problems(config, bad: set[str], num_devices: int | None) -> list[s
                 f"({num_devices}) x training.micro_batches ({t.micro_batches}) = "
                 f"{num_devices * t.micro_batches}"
             )
+    if t.init_checkpoint and t.init_from_teacher:
+        out.append(
+            "training.init_checkpoint and training.init_from_teacher both say where the student "
+            "starts: give one"
+        )
     if num_devices is not None and "training.mesh_fsdp" not in bad and num_devices % t.mesh_fsdp:
         out.append(f"training.mesh_fsdp={t.mesh_fsdp} must divide the device count ({num_devices})")
     return out

@@ -99,6 +99,31 @@ def load_teacher(config, network, expected_params):
     return params
 
 
+def load_start(config, expected_params, mesh):
+    """training.init_checkpoint's EMA copy (training.init_ema_index): the params, target and EMA
+    copies this run starts from (LCF: a guided_cd student's, guidance_proj included). It must
+    hold this very network (model and parameter fingerprint) and parameterization."""
+    t = config.training
+    params, meta, step = checkpoints.load_params(t.init_checkpoint, ema_index=t.init_ema_index)
+    wanted, method = config.model.parameterization, meta.get("method")
+    if meta.get("model") != config.model.name or meta.get("params") != expected_params:
+        raise checkpoints.ModelMismatchError(
+            f"training.init_checkpoint {t.init_checkpoint} holds a {meta.get('model')!r} network "
+            f"(training.loss={method!r}) of other parameters than this config's "
+            f"{config.model.name!r}: give the run the checkpoint's network (its model.* and "
+            "data.* overrides; LCF: model.guidance_embed_dim of the guided student)"
+        )
+    if meta.get("parameterization", wanted) != wanted:
+        raise checkpoints.ModelMismatchError(
+            f"training.init_checkpoint {t.init_checkpoint} holds a training.loss={method!r} "
+            f"model of model.parameterization={meta.get('parameterization')!r}; this run's is "
+            f"{wanted!r}"
+        )
+    if jax.process_index() == 0:
+        print(f"start: {t.init_checkpoint} step {step} ({method}, EMA copy {t.init_ema_index})")
+    return jax.device_put(params, sharding.tree_sharding(mesh, params))
+
+
 def _log(writer, step: int, metrics: dict, rate: float, num_steps: int, start: float):
     eta = (num_steps - step) / max(rate, 1e-9)
     print(
@@ -239,13 +264,21 @@ def _mismatch(config, workdir, checkpointer, template, error) -> ResumeMismatchE
 
 def _restore_or_init(config, workdir, network, tx, mesh, teacher, checkpointer, meta, template):
     """(state, what a changed resume re-initialised or None): the newest sound checkpoint
-    (corrupt ones are reported and skipped), else a fresh state.
+    (corrupt ones are reported and skipped), else a fresh state (training.init_checkpoint's).
 
     A checkpoint whose state differs in structure (another optimiser, another number of EMA
     copies) stops the run (ResumeMismatchError), unless training.resume_reinit_changed.
     """
     shardings = jax.tree.map(lambda a: a.sharding, template)
-    fresh = lambda: update.init_state(config, network, tx, mesh, teacher, shardings=shardings)
+
+    def fresh():  # training.init_checkpoint is read only when the run starts afresh
+        start = (
+            load_start(config, meta["params"], mesh) if config.training.init_checkpoint else None
+        )
+        return update.init_state(
+            config, network, tx, mesh, teacher, start=start, shardings=shardings
+        )
+
     notes = {}
 
     def changed(step):  # a restore into the template's structure from another one

@@ -160,14 +160,17 @@ def train_step_for(config, network, tx, mesh, *, state_shardings=None):
 
 
 def _create_fn(config, network, tx):
-    """(key, teacher params or None) -> a fresh TrainState (the student copies the teacher)."""
+    """(key, teacher params or None, start params or None) -> a fresh TrainState (the student
+    copies the teacher, or is `start`: training.init_checkpoint's network as it was saved)."""
     d, t = config.data, config.training
     x = jnp.zeros((1, d.image_size, d.image_size, d.num_channels), jnp.float32)
     y = jnp.zeros((1,), jnp.int32)
     with_target = methods.from_config(config).keeps_target
     num_ema = len(t.ema_rates)
 
-    def create(key, teacher):
+    def create(key, teacher, start=None):
+        if start is not None:
+            return TrainState.create(start, tx, num_ema=num_ema, with_target=with_target)
         params = network.init(key, x, y) if teacher is None or network.guided else None
         if teacher is not None:
             params = networks.student_from_teacher(network, params, teacher)
@@ -191,16 +194,18 @@ def state_sharding(config, network, tx, mesh):
     return jax.tree.map(lambda a: a.sharding, abstract_state(config, network, tx, mesh))
 
 
-def init_state(config, network, tx, mesh, teacher_params=None, *, shardings=None) -> TrainState:
+def init_state(
+    config, network, tx, mesh, teacher_params=None, *, start=None, shardings=None
+) -> TrainState:
     """A fresh TrainState, sharded over the mesh (as state_sharding() unless given); the student
-    copies the teacher if asked."""
+    copies the teacher if asked, or is `start` (params, target and EMA copies) when given."""
     teacher = teacher_params if config.training.init_from_teacher else None
     key = jax.random.fold_in(jax.random.key(config.seed), 0)
     # Init runs once: skip backend optimisation (on CPU it compiles several times faster).
     fast = {"xla_backend_optimization_level": 0}
     create = _create_fn(config, network, tx)
     out = state_sharding(config, network, tx, mesh) if shardings is None else shardings
-    return jax.jit(create, out_shardings=out, compiler_options=fast)(key, teacher)
+    return jax.jit(create, out_shardings=out, compiler_options=fast)(key, teacher, start)
 
 
 def loop(body, carry, xs, *, scan: bool):
