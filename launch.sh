@@ -90,6 +90,16 @@ lcd_digits)
   run --config=configs/lcd_digits.py:teacher --workdir=$RUNS/lcd_digits_teacher
   run --config=configs/lcd_digits.py --workdir=$RUNS/lcd_digits \
     --config.training.teacher_checkpoint=$RUNS/lcd_digits_teacher/checkpoints ;;
+lcd_latent_digits)  # LCM on the digits' latents: autoencoder, latent cache, teacher, LCD, LCF
+  V=$RUNS/vae_digits; R=$RUNS/lcd_latent_digits
+  L="--config.latent.vae=$V --config.latent.cache=$RUNS/latent_digits/latents"
+  [ -d "$V/vae" ] || run --config=configs/vae_digits.py --workdir=$V
+  run --mode=encode --config=configs/latent_digits.py --workdir=$RUNS/latent_digits $L
+  run --config=configs/lcd_latent_digits.py:teacher --workdir=${R}_teacher $L
+  run --config=configs/lcd_latent_digits.py:student --workdir=$R $L \
+    --config.training.teacher_checkpoint=${R}_teacher/checkpoints
+  run --config=configs/lcd_latent_digits.py:lcf --workdir=${R}_lcf $L \
+    --config.training.init_checkpoint=$R/checkpoints ;;
 lcd_imagenet64_teacher)  # the official teachers have no null class: this one is trained
   run --config=configs/lcd_imagenet64.py:teacher --workdir=$RUNS/$1 --config.data.folder=$IMAGENET64 ;;
 lcd_imagenet64)
@@ -105,7 +115,7 @@ all)  # every line above (with --check: validates every paper and digits experim
       ct_lsun_cat256 ict_cifar10 ict_imagenet64 ect_cifar10 ect_imagenet64 scm_cifar10_teacher \
       scm_cifar10_sct scm_cifar10_scd scm_imagenet64_sct scm_imagenet64_scd \
       continuous_cifar10_cd-l2 continuous_cifar10_cd-l2-stopgrad continuous_cifar10_ct-l2 \
-      lcd_digits lcd_imagenet64_teacher lcd_imagenet64; do
+      lcd_digits lcd_latent_digits lcd_imagenet64_teacher lcd_imagenet64; do
     CHECK=$CHECK bash "$0" "$name"
   done ;;
 *)
@@ -113,6 +123,6 @@ all)  # every line above (with --check: validates every paper and digits experim
   echo "          cd_lsun_bedroom256_{l2,lpips}|ct_lsun_bedroom256|cd_lsun_cat256_{l2,lpips}|ct_lsun_cat256|"
   echo "          successors_digits|ict_{cifar10,imagenet64}|ect_{cifar10,imagenet64}|scm_cifar10_teacher|"
   echo "          scm_{cifar10,imagenet64}_{sct,scd}|continuous_cifar10_{cd-l2,cd-l2-stopgrad,ct-l2}|"
-  echo "          lcd_digits|lcd_imagenet64_teacher|lcd_imagenet64|"
+  echo "          lcd_digits|lcd_latent_digits|lcd_imagenet64_teacher|lcd_imagenet64|"
   echo "          sample|eval --config=... --workdir=...|all}   (--check NAME|all: validate only)" ;;
 esac

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import latent_digits, vae_digits
+from configs import latent_digits, lcd_latent_digits, vae_digits
 from consistency.convert import diffusers_vae
 from consistency.experiment import (
     edit,
@@ -23,7 +23,7 @@ from consistency.experiment import (
     train_state,
     update,
 )
-from consistency.io import data, image_io, latents, sharding
+from consistency.io import checkpoints, data, image_io, latents, sharding
 from consistency.models.autoencoder_kl import AutoencoderKL
 
 SIDE, LATENT_SIDE, LATENT_CHANNELS = 8, 4, 2
@@ -217,3 +217,75 @@ def test_vae_run_exports_a_folder_that_latent_vae_reads(tmp_path):
     assert latent.latent_shape(user) == (LATENT_SIDE, 2) and not latent.shape_problems(user)
     images = latent.decoder(user)(jnp.zeros((3, LATENT_SIDE, LATENT_SIDE, 2)))
     assert images.shape == (3, SIDE, SIDE, 1)
+
+
+# ---- LCM on latents: a guided student sampled by the pipeline, then LCF from its checkpoint ----
+
+
+def _lcm_config(root, vae_folder, variant):
+    """configs/lcd_latent_digits.py at test size: the test's autoencoder and cache, 1 step."""
+    config = lcd_latent_digits.get_config(variant)
+    config.latent.update(vae=str(vae_folder), cache=str(root / "cache"))
+    config.model.unet.channels = 8
+    config.model.guidance_embed_dim = 8
+    config.training.update(batch_size=16, num_steps=1, log_every=1, snapshot_every=1)
+    config.sampling.update(grid_size=4, batch_size=4, num_samples=6, ts=(0, 11, 17))
+    config.eval.every_steps = 0
+    config.data.num_threads = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def guided_student(encoded):
+    """A latent guided_cd student's run (checkpoint written, not trained): N(0, 0.1^2) weights
+    everywhere (drawn by numpy: nothing to compile), the guidance projection included, so w
+    moves its samples."""
+    root, base = encoded
+    config = _lcm_config(root, base.latent.vae, "student")
+    shapes = sample.abstract_params(config, networks.build_network(config))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: 0.1 * rng.standard_normal(a.shape, np.float32), shapes)
+    state = train_state.TrainState.create(
+        params, train_state.optimizer(config), num_ema=1, with_target=True
+    )
+    fingerprint = checkpoints.param_fingerprint(shapes)
+    ckpt = checkpoints.Checkpointer(root / "student" / "checkpoints")
+    ckpt.save(1, state, train.checkpoint_meta(config, fingerprint))
+    ckpt.close()
+    return root, config
+
+
+def test_lcm_multistep_sampler_of_a_latent_guided_student_through_the_pipeline(guided_student):
+    from consistency.experiment.pipeline import ConsistencyPipeline
+
+    root, config = guided_student
+    pipe = ConsistencyPipeline.from_workdir(root / "student", config=config)
+    assert pipe.guidance == 1.0 and len(pipe.sigmas()) == 2  # sampling.ts (0, 11, 17): 2 steps
+    images = pipe(batch_size=6, output_type="uint8")  # w = sampling.guidance
+    assert images.shape == (6, SIDE, SIDE, 1)  # decoded digits, not 4x4x2 latents
+    with np.load(sample.run_sample(config, str(root / "student"))) as stored:
+        np.testing.assert_array_equal(images, stored["arr_0"])  # as --mode=sample
+    labels = pipe._labels(None, jax.random.key(0), np.arange(256))
+    assert set(labels.tolist()) == {0, 1, 2, 3, 4}  # data.classes, as --mode=sample draws
+    same = pipe(batch_size=6, output_type="uint8", guidance_scale=2.0)  # w = 2 - 1
+    np.testing.assert_array_equal(same, images)
+    other = pipe(batch_size=6, output_type="np", guidance_scale=5.0)
+    assert np.abs(other - images / 255.0).max() > 1e-3  # w reaches the latent network
+    four = pipe(batch_size=2, num_inference_steps=4, guidance_scale=3.0, output_type="np")
+    assert four.shape == (2, SIDE, SIDE, 1) and np.isfinite(four).all()
+    assert np.all(np.diff(pipe.sigmas(num_inference_steps=4)) < 0)
+
+
+def test_lcf_fine_tunes_the_latent_guided_student_on_other_digits(guided_student, capsys):
+    root, student = guided_student
+    config = _lcm_config(root, student.latent.vae, "lcf")
+    config.training.init_checkpoint = str(root / "student" / "checkpoints")
+    assert config.data.classes == (5, 6, 7, 8, 9) and student.data.classes == (0, 1, 2, 3, 4)
+    state = train.train_and_evaluate(config, str(root / "lcf"))
+    assert "start: " + config.training.init_checkpoint in capsys.readouterr().out
+    assert int(state.step) == 1 and "guidance_proj" in state.params
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(state.params))
+    assert (root / "lcf" / "samples" / "grid_0000001.png").exists()
+    config.model.guidance_embed_dim = 16  # another network than the student's: refused
+    with pytest.raises(checkpoints.ModelMismatchError, match="training.init_checkpoint"):
+        train.train_and_evaluate(config, str(root / "lcf_other"))

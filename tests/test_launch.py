@@ -27,7 +27,8 @@ def test_every_launch_line_validates():
     assert len(lines) >= 30 and len(configs) >= 25  # every paper row and digits run
     for argv in lines:
         done = _in_process([sys.executable, *argv, "--check"])
-        assert done.returncode == 0 and "ok: train" in done.stdout, (argv, done.stderr)
+        mode = next((a.split("=", 1)[1] for a in argv if a.startswith("--mode=")), "train")
+        assert done.returncode == 0 and f"ok: {mode}" in done.stdout, (argv, done.stderr)
     lpips = [argv for argv in lines if "lpips" in " ".join(argv) and "cd_" in " ".join(argv)]
     assert lpips and all(any("lpips_vgg=" in a for a in argv) for argv in lpips)
 

@@ -45,14 +45,17 @@ class ConsistencyPipeline:
         seed: int = 0,
         guidance: float | None = None,
         decode=None,
+        classes: tuple[int, ...] = (),
     ):
         """image_shape is the network's sample shape (a latent model's latent); `decode`
-        (latent.decoder) maps a latent model's samples to images, None for pixel models."""
+        (latent.decoder) maps a latent model's samples to images, None for pixel models;
+        `classes` (a run's data.classes) are the labels random ones are drawn from (() = all)."""
         self.network, self.params, self.grid = network, params, grid
         self.decode = decode
         self.guidance = guidance  # a guided model's default w (LCM's; guidance_scale = 1 + w)
         self.num_train_timesteps, self.image_shape = num_train_timesteps, tuple(image_shape)
         self.num_classes, self.batch_per_call, self.seed = num_classes, batch_per_call, seed
+        self.classes = tuple(classes)
         self.default_sigmas = tuple(default_sigmas or (grid.sigma_max,))
         self._sample = sample.make_consistency_sampler(
             fns,
@@ -99,6 +102,7 @@ class ConsistencyPipeline:
             seed=s.seed,
             guidance=spec.sampling_guidance(config),
             decode=latent.decoder(config),
+            classes=tuple(d.classes) if d.class_conditional else (),
         )
 
     @classmethod
@@ -261,13 +265,17 @@ class ConsistencyPipeline:
         return np.moveaxis(z, 0, 1)
 
     def _labels(self, class_labels, key, ids: np.ndarray) -> np.ndarray:
-        """Labels per image: the given int or list, else random ones (unconditional: zeros)."""
+        """Labels per image: the given int or list, else random ones of `classes` as
+        --mode=sample draws them (unconditional: zeros)."""
         if not self.num_classes:
             if class_labels is not None:
                 raise ValueError(
                     "class_labels: this model is unconditional; leave class_labels out (None)"
                 )
             return np.zeros(len(ids), np.int32)
+        if class_labels is None and self.classes:
+            classes = np.asarray(self.classes, np.int32)
+            return classes[sample.random_labels(key, ids, len(classes))]
         if class_labels is None:
             return sample.random_labels(key, ids, self.num_classes)
         values = [class_labels] * len(ids) if np.ndim(class_labels) == 0 else list(class_labels)
