@@ -80,3 +80,31 @@ def lcf(config, *, classes, num_classes: int, steps: int, init_checkpoint: str, 
     )
     config.optim.lr = lr
     return config
+
+
+VARIANTS = ("student", "teacher", "lcf")  # the stages, as --config=FILE:ARG names them
+
+
+def stage(arg: str, latent, *, source, target, runs: str, num_classes: int = 10):
+    """The config of stage `arg` on latent() (a fresh latent config): the teacher and student
+    on the classes `source` (runs_teacher/, runs/), LCF from the student on `target`."""
+    if arg not in VARIANTS:
+        raise ValueError(f"unknown variant {arg!r}; choose one of {VARIANTS}")
+    if arg == "teacher":
+        return teacher(latent(), classes=source, num_classes=num_classes, steps=2000)
+    if arg == "student":
+        return student(
+            latent(),
+            classes=source,
+            num_classes=num_classes,
+            steps=2000,
+            teacher_checkpoint=f"{runs}_teacher/checkpoints",
+        )
+    return lcf(
+        latent(),
+        classes=target,
+        num_classes=num_classes,
+        steps=1000,
+        init_checkpoint=f"{runs}/checkpoints",
+        lr=2e-4,
+    )

@@ -18,7 +18,7 @@ with --config.data.classes='(5,6,7,8,9)'. Steps and LCF's lr are starting points
 
 from configs import _lcm, latent_digits
 
-VARIANTS = ("student", "teacher", "lcf")  # --config=FILE:ARG
+VARIANTS = _lcm.VARIANTS  # --config=FILE:ARG
 SOURCE, TARGET = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)  # the student's digits, LCF's new ones
 RUNS = "runs/lcd_latent_digits"
 
@@ -30,16 +30,4 @@ def _latent():
 
 
 def get_config(arg: str = "student"):
-    if arg not in VARIANTS:
-        raise ValueError(f"unknown variant {arg!r}; choose one of {VARIANTS}")
-    if arg == "teacher":
-        return _lcm.teacher(_latent(), classes=SOURCE, num_classes=10, steps=2000)
-    if arg == "student":
-        teacher = f"{RUNS}_teacher/checkpoints"
-        return _lcm.student(
-            _latent(), classes=SOURCE, num_classes=10, steps=2000, teacher_checkpoint=teacher
-        )
-    start = f"{RUNS}/checkpoints"
-    return _lcm.lcf(
-        _latent(), classes=TARGET, num_classes=10, steps=1000, init_checkpoint=start, lr=2e-4
-    )
+    return _lcm.stage(arg, _latent, source=SOURCE, target=TARGET, runs=RUNS)
