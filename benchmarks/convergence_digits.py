@@ -73,6 +73,16 @@ def curve(workdir: pathlib.Path, log: pathlib.Path) -> list[dict]:
     return rows
 
 
+def run_commits(workdir: pathlib.Path) -> list[str]:
+    """The commit each part of the run (start and every resume) was trained at (runs.jsonl)."""
+    found = []
+    for line in (workdir / "runs.jsonl").read_text().splitlines():
+        commit = (json.loads(line).get("commit") or "unknown")[:7]
+        if commit not in found:
+            found.append(commit)
+    return found
+
+
 def table(name: str, rows: list[dict]) -> list[str]:
     # One step first, then by the number of steps (during_training.json sorts its keys).
     settings = sorted(
@@ -131,10 +141,12 @@ def main() -> None:
                 raise SystemExit(f"{name} failed ({done.returncode}); see {log}")
         rows = curve(root / name, log)
         lines += [f"## {name}: `{shlex.join(['python', *command[1:]])}`", ""]
+        trained = run_commits(root / name)
+        lines += [f"Trained at commit(s) {', '.join(trained)}.", ""]
         lines += table(name, rows) + [""]
         grids = sorted((root / name / "samples").glob("grid_*.png"))
         if grids:
-            png = out / f"convergence_{name}_digits_{grids[-1].stem}_{commit}.png"
+            png = out / f"convergence_{name}_digits_{grids[-1].stem}_{trained[-1]}.png"
             shutil.copyfile(grids[-1], png)
             lines += [
                 f"Last training grid (EMA copy, the config's sampling.* sampler): `{png.name}`",
