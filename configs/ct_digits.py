@@ -1,7 +1,11 @@
 """CT on the bundled digits from scratch: adaptive N(k) 2 -> 40, mu0 = 0.9, l2, minutes on CPU.
 
-1,200 steps fit the README's 10 minutes on 2 CPU cores; CT from scratch needs far more for
-good one-step samples (benchmarks/quality_digits.py: iCT and CD do much better per minute).
+1,200 steps fit the README's 10 minutes on 2 CPU cores but give noise (one-step FID ~1,220, as
+the official code on that budget). The recipe converges when its curriculum is stretched:
+--config.training.num_steps=20000 --config.training.total_steps=20000 gives one-step digits FID
+33.1 at 10,000 steps and 21.6 at 20,000, two-step 24.3 and 14.0, ~75-100 min on 2 cores
+(benchmarks/results/convergence_digits_2026-12-04_67a6431.md). iCT and CD do much better per
+minute (benchmarks/quality_digits.py).
 """
 
 from configs import _digits
