@@ -95,33 +95,33 @@ def heun_sampler(
     return euler_step(denoise, x, sigmas[-2], sigmas[-1])
 
 
-def euler_sampler(
-    denoise: Denoiser, x_T: jax.Array, sigmas: jax.Array, *, clip_denoised: bool = True
-) -> jax.Array:
-    """Euler PF-ODE sampler over sigmas [N+1] ending in 0: N network evaluations."""
-    denoise = clipped(denoise) if clip_denoised else denoise
+def _single_step_sampler(step: Callable, doc: str) -> Callable:
+    """A sampler taking `step` between consecutive sigmas [N+1] (ending in 0): N evaluations."""
 
-    def body(x, pair):
-        s, s_next = pair
-        return euler_step(denoise, x, s, s_next), None
+    def sampler(
+        denoise: Denoiser, x_T: jax.Array, sigmas: jax.Array, *, clip_denoised: bool = True
+    ) -> jax.Array:
+        denoise = clipped(denoise) if clip_denoised else denoise
 
-    x, _ = jax.lax.scan(body, x_T, (sigmas[:-1], sigmas[1:]))
-    return x
+        def body(x, pair):
+            s, s_next = pair
+            return step(denoise, x, s, s_next), None
+
+        x, _ = jax.lax.scan(body, x_T, (sigmas[:-1], sigmas[1:]))
+        return x
+
+    sampler.__doc__ = doc
+    return sampler
 
 
-def ddim_sampler(
-    denoise: Denoiser, x_T: jax.Array, sigmas: jax.Array, *, clip_denoised: bool = True
-) -> jax.Array:
+euler_sampler = _single_step_sampler(
+    euler_step, "Euler PF-ODE sampler over sigmas [N+1] ending in 0: N network evaluations."
+)
+ddim_sampler = _single_step_sampler(
+    ddim_step,
     """DDIM (eta = 0) over sigmas [N+1] ending in 0 (`ddim_step`; the last step returns D).
 
     On a VP model's levels of descending timesteps this is diffusers' DDIMScheduler with the
     final abar = 1: N network evaluations.
-    """
-    denoise = clipped(denoise) if clip_denoised else denoise
-
-    def body(x, pair):
-        s, s_next = pair
-        return ddim_step(denoise, x, s, s_next), None
-
-    x, _ = jax.lax.scan(body, x_T, (sigmas[:-1], sigmas[1:]))
-    return x
+    """,
+)
