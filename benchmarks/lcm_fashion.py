@@ -1,0 +1,238 @@
+"""LCM's offline demonstration on Fashion-MNIST: autoencoder, latent teacher, LCD, LCF, pixel LCD.
+
+    python benchmarks/lcm_fashion.py [--root=runs/lcm_fashion] [--steps_scale=1.0]
+        [--runs=vae,encode,teacher,student,lcf_before,lcf,pixel_teacher,pixel_student]
+        [--w=0,1,3] [--teacher_w=1] [--lcf_w=1] [--num_samples=1000]
+
+Runs, with `main.py` exactly as a user would (commands printed and recorded), in ROOT/NAME:
+- `vae`: configs/vae_fashion.py, the 32x32 -> 8x8x4 KL autoencoder trained here;
+- `encode`: configs/latent_fashion.py --mode=encode, every class's latents cached once
+  (latent.vae = ROOT/vae, latent.cache = ROOT/encode/latents, read by every latent stage);
+- `teacher`: configs/lcd_latent_fashion.py:teacher, the guided latent EDM on the clothes
+  (SOURCE: T-shirt, trouser, pullover, dress, coat, shirt);
+- `student`: :student, LCD (guided CD of the teacher, skip 20 of 360, w ~ U[0, 4] embedded);
+- `lcf_before`: no training: the student's checkpoint copied into ROOT/lcf_before/checkpoints
+  and scored by --mode=eval with :lcf's flags, so on the NEW classes (TARGET: sandal, sneaker,
+  bag, ankle boot; samples of those labels, FID against their images). A separate workdir
+  because --mode=eval's sample chunks (WORKDIR/eval/step_k/SETTING-HASH) are keyed by the
+  checkpoint and sampler but not by data.classes: an eval of the student's own workdir with
+  --config.data.classes overridden would reuse its chunks of the clothes. main.py trains at
+  least one step, so "the lcf run at step 0" does not exist as a checkpoint;
+- `lcf`: :lcf, consistency training without a teacher from the student's EMA on TARGET;
+- `pixel_teacher`, `pixel_student`: configs/lcd_fashion.py, the same two stages on the 32x32
+  pixels (the pixel UNet of configs/_fashion.py) on SOURCE: the control at equal compute, read
+  as equal training steps and batch (128) as the latent teacher and student. A pixel step costs
+  more than a latent step (32x32x1 inputs through three UNet levels vs 8x8x4 through two, and
+  the latent runs' autoencoder and encoding are extra): the table gives both runs' wall time.
+Scores by --mode=eval (FID in the Fashion-MNIST classifier's features against the first 10,000
+training images of the run's classes; class accuracy: the classifier's agreement with the
+requested label): the teachers by Heun at 35 evaluations, the students and LCF at 1, 2 and 4
+steps; the students at every --w (LCM's convention: guidance scale 1 + w), the teachers at
+--teacher_w (35 evaluations per sample: the pixel teacher's sampling is the dearest evaluation),
+LCF before and after at --lcf_w. Every sample set has --num_samples images (the configs' 5,000
+would not fit the hour).
+
+Step counts are sized for ~60 min on 2 cores from rough per-step costs (a machine shared with
+another run; not measured at full length): the pixel runs dominate (a 32x32 pixel step is
+~10-20x a latent one); --steps_scale stretches every run. Prints a markdown table and a JSON
+line and writes benchmarks/results/lcm_fashion_DATE_COMMIT.md. Finished runs and evaluations
+are reused (per --root; a changed step count trains on, resuming).
+"""
+
+import argparse
+import datetime
+import json
+import pathlib
+import shlex
+import shutil
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # configs/ is not installed
+sys.path.insert(0, str(REPO / "benchmarks"))
+import quality_digits as qd  # noqa: E402
+
+TEACHER_SETTINGS = ("18",)  # Heun, 35 evaluations
+STUDENT_SETTINGS = ("1", "0,11,17", "0,4,8,12,17")  # 1, 2, 4 steps on the 18-point grid
+LATENT = "configs/lcd_latent_fashion.py"
+# name: (config, mode, training overrides, {flag: run whose workdir it names}, steps or None).
+# Steps: sized for ~60 min on 2 cores (the module docstring: a rough estimate).
+RUNS = {
+    "vae": ("configs/vae_fashion.py", "train", {}, {}, 600),
+    "encode": ("configs/latent_fashion.py", "encode", {}, {}, None),
+    "teacher": (f"{LATENT}:teacher", "train", {}, {}, 1000),
+    "student": (f"{LATENT}:student", "train", {},
+                {"training.teacher_checkpoint": "teacher/checkpoints"}, 300),
+    "lcf_before": (f"{LATENT}:lcf", "eval", {},
+                   {"training.init_checkpoint": "student/checkpoints"}, 200),
+    "lcf": (f"{LATENT}:lcf", "train", {}, {"training.init_checkpoint": "student/checkpoints"}, 200),
+    "pixel_teacher": ("configs/lcd_fashion.py:teacher", "train", {}, {}, 300),
+    "pixel_student": ("configs/lcd_fashion.py:student", "train", {},
+                      {"training.teacher_checkpoint": "pixel_teacher/checkpoints"}, 300),
+}  # fmt: skip
+NEEDS = {"encode": "vae", "teacher": "encode", "student": "teacher", "lcf_before": "student",
+         "lcf": "student", "pixel_student": "pixel_teacher"}  # fmt: skip
+SWEPT = ("student", "pixel_student")  # evaluated at every --w
+TEACHERS = ("teacher", "pixel_teacher")  # at --teacher_w
+LCF = ("lcf_before", "lcf")  # evaluated at --lcf_w
+
+
+def nfe(setting: str) -> int:
+    return 35 if setting == "18" else max(len(setting.split(",")) - 1, 1)
+
+
+def flags(name: str, root: pathlib.Path, steps: int | None) -> list[str]:
+    config, _, overrides, paths, _ = RUNS[name]
+    values = dict(overrides, **{k: str(root / v) for k, v in paths.items()})
+    if config.startswith(LATENT) or name == "encode":  # this benchmark's autoencoder and cache
+        values.update(
+            {"latent.vae": str(root / "vae"), "latent.cache": str(root / "encode" / "latents")}
+        )
+    if steps is not None:
+        values["training.num_steps"] = steps
+    out = [f"--config={config}", f"--workdir={root / name}"]
+    out += [f"--config.{k}={v}" for k, v in values.items()]
+    return out + (["--config.eval.every_steps=0"] if steps is not None else [])  # --mode=eval
+
+
+def eval_flags(name: str, root: pathlib.Path, w: float, num_samples: int) -> list[str]:
+    settings = TEACHER_SETTINGS if name.endswith("teacher") else STUDENT_SETTINGS
+    return [
+        "--mode=eval",
+        f"--config.sampling.guidance={w}",
+        f"--config.eval.settings={settings!r}".replace(" ", ""),
+        f"--config.eval.cache_dir={root / 'classifier'}",  # one classifier for every run
+        f"--config.eval.num_samples={num_samples}",
+    ]
+
+
+def _read_metrics(workdir: pathlib.Path) -> dict:
+    found = (workdir / "eval").glob("metrics_step*.json")
+    latest = max(found, key=lambda p: int(p.stem.removeprefix("metrics_step")))
+    return json.loads(latest.read_text())["settings"]
+
+
+def prepare(name: str, root: pathlib.Path, steps: int | None) -> dict:
+    """Train (resuming) or encode `name` unless done with these flags: {flags, train_s}."""
+    main_py, mode = [sys.executable, "main.py"], RUNS[name][1]
+    command = flags(name, root, steps)
+    timing_path = root / name / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    source = ""  # lcf_before: the student's run it copied (a retrained student is copied again)
+    if mode == "eval":
+        source = (root / "student" / "timing.json").read_text()
+    if timing.get("flags") == command and timing.get("source", "") == source:
+        return timing
+    (root / name).mkdir(parents=True, exist_ok=True)
+    if mode == "eval":  # lcf_before: the student's checkpoint as it is before fine-tuning
+        shutil.rmtree(root / name / "checkpoints", ignore_errors=True)
+        shutil.copytree(root / "student" / "checkpoints", root / name / "checkpoints")
+        print(f"$ cp -r {root / 'student/checkpoints'} {root / name / 'checkpoints'}", flush=True)
+        train_s = 0.0
+    else:
+        extra = ["--mode=encode"] if mode == "encode" else []
+        train_s = qd._run(main_py + command + extra, root / f"{name}.log")
+    timing = {"flags": command, "train_s": train_s, "steps": steps, "source": source}
+    timing_path.write_text(json.dumps(timing))
+    return timing
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| run | classes | sampler | NFE | w | FID | class accuracy | steps | train min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m = r["metrics"]
+        acc = f"{m['class_accuracy']:.3f}" if "class_accuracy" in m else "-"
+        lines.append(
+            f"| {r['run']} | {r['classes']} | {r['setting']} | {r['nfe']} | {r['w']:g} | "
+            f"{m['fid']:.2f} | {acc} | {r['steps']} | {r['train_s'] / 60:.1f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default="runs/lcm_fashion", help="workdirs of the runs")
+    parser.add_argument(
+        "--runs", default=",".join(RUNS), help=f"comma-separated from {tuple(RUNS)}"
+    )
+    parser.add_argument("--steps_scale", type=float, default=1.0, help="x each run's steps")
+    parser.add_argument("--w", default="0,1,3", help="w of the students (1 + w CFG)")
+    parser.add_argument("--teacher_w", default="1", help="w of the teachers")
+    parser.add_argument("--lcf_w", default="1", help="w of LCF before and after fine-tuning")
+    parser.add_argument("--num_samples", type=int, default=1000, help="samples per setting")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    root = pathlib.Path(args.root).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    names = [n for n in args.runs.split(",") if n]
+    for name in names:
+        if name not in RUNS:
+            raise SystemExit(f"--runs: unknown {name!r}; choose from {tuple(RUNS)}")
+        need = NEEDS.get(name)
+        if need and need not in names and not (root / need / "timing.json").exists():
+            raise SystemExit(f"--runs: {name} needs the {need} run (add it to --runs)")
+    from configs import lcd_latent_fashion  # the class split every stage's config uses
+
+    source, target = lcd_latent_fashion.SOURCE, lcd_latent_fashion.TARGET
+    sweep = [float(w) for w in args.w.split(",") if w]
+    lcf_sweep = [float(w) for w in args.lcf_w.split(",") if w]
+    teacher_sweep = [float(w) for w in args.teacher_w.split(",") if w]
+    start, rows, commands = time.time(), [], {}
+    for name in names:
+        steps = RUNS[name][4]
+        steps = None if steps is None else max(int(steps * args.steps_scale), 10)
+        timing = prepare(name, root, steps)
+        mode = RUNS[name][1]
+        shown = ["python", "main.py", *timing["flags"]] + ([f"--mode={mode}"] * (mode != "train"))
+        commands[name] = shlex.join(shown)
+        if name in ("vae", "encode"):  # no FID of an autoencoder or a cache: the latent runs'
+            continue
+        for w in sweep if name in SWEPT else teacher_sweep if name in TEACHERS else lcf_sweep:
+            done = root / name / f"eval_w{w:g}_n{args.num_samples}.json"
+            if not done.exists():
+                qd._run(
+                    [sys.executable, "main.py", *timing["flags"]]
+                    + eval_flags(name, root, w, args.num_samples),
+                    root / f"{name}.log",
+                )
+                done.write_text(json.dumps(_read_metrics(root / name)))
+            classes = "new" if name in LCF else "clothes"
+            train_s = timing["train_s"] if name != "lcf_before" else 0.0
+            for setting, metrics in json.loads(done.read_text()).items():
+                rows.append(
+                    dict(run=name, classes=classes, setting=setting, nfe=nfe(setting), w=w,
+                         metrics=metrics, steps=steps if name != "lcf_before" else 0,
+                         train_s=train_s)
+                )  # fmt: skip
+    total = time.time() - start
+    encode_s = json.loads((root / "encode" / "timing.json").read_text())["train_s"] if (
+        root / "encode" / "timing.json").exists() else float("nan")  # fmt: skip
+    vae_s = json.loads((root / "vae" / "timing.json").read_text())["train_s"] if (
+        root / "vae" / "timing.json").exists() else float("nan")  # fmt: skip
+    today, commit = datetime.date.today().isoformat(), qd._commit()
+    report = [
+        f"# Latent consistency models on Fashion-MNIST, offline ({today}, commit {commit})", "",
+        f"`{shlex.join(['python', 'benchmarks/lcm_fashion.py', *sys.argv[1:]])}`", "",
+        f"Clothes = classes {source} (teachers, students); new = {target} (LCF: lcf_before is "
+        "the LCD student on them before fine-tuning, lcf after). FID: the Fashion-MNIST "
+        f"classifier's features, {args.num_samples} samples against the first 10,000 training "
+        "images of those classes. The latent runs also need the autoencoder "
+        f"({vae_s / 60:.1f} min) and the encoding ({encode_s / 60:.1f} min).", "",
+        *table(rows), "",
+        f"Total wall time {total / 60:.1f} min (runs reused from earlier invocations count 0); "
+        "'train min' includes compilation.", "",
+        "Runs:", *[f"- `{c}`" for c in commands.values()],
+    ]  # fmt: skip
+    print("\n".join(report))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"lcm_fashion_{today}_{commit}.md").write_text("\n".join(report) + "\n")
+    print(json.dumps({"date": today, "commit": commit, "total_s": total, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
