@@ -224,3 +224,19 @@ def test_random_sample_labels_come_from_data_classes():
     assert len(set(sample.sample_labels(config, np.arange(400)).tolist())) == 10
     config.sampling.class_label = 5
     assert set(sample.sample_labels(config, np.arange(10)).tolist()) == {5}
+
+
+def test_eval_shards_are_keyed_by_data_classes(monkeypatch, tmp_path):
+    """Samples of another class subset are never reused: the shard folder's hash covers
+    data.classes."""
+    monkeypatch.setattr(evaluate, "feature_network_id", lambda *a: "net")
+    config = base.get_config()
+    config.data.update(class_conditional=True, num_classes=10)
+    sampler = spec.sampler(config, "1")
+
+    def folder(classes):
+        config.data.classes = classes
+        return evaluate._setting_dir(config, tmp_path, 5, "1", sampler, "digits", "ckpt")
+
+    plain, clothes, shoes = folder(()), folder((0, 1, 2)), folder((5, 7))
+    assert len({plain, clothes, shoes}) == 3 and folder((0, 1, 2)) == clothes

@@ -111,6 +111,8 @@ def _setting_dir(
     )
     if latent.enabled(config):  # the images are decoded latents: the decoder makes them too
         keyed["decoder"] = latent.vae_digest(config)
+    if config.data.classes:  # the random labels come from these classes (sample.sample_labels)
+        keyed["classes"] = [int(c) for c in config.data.classes]
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:8]
     name = setting.replace(",", "-").replace("=", "-") + "-" + digest
     return pathlib.Path(workdir) / "eval" / f"step_{step}" / name
