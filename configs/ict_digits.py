@@ -8,4 +8,5 @@ def get_config():
     config = _digits.digits()
     _successors.ict(config, steps=2000)
     config.sampling.sigmas = (80.0, _successors.ICT_MID_SIGMA["cifar10"])
+    config.eval.settings = ("1", "sigma=80,0.821")  # one step, two at 0.821 (also in training)
     return config
