@@ -25,7 +25,6 @@ benchmarks/results/lcd_digits_DATE_COMMIT.md. Finished runs and evaluations are 
 """
 
 import argparse
-import datetime
 import json
 import pathlib
 import shlex
@@ -63,7 +62,7 @@ SWEPT = ("teacher", "lcd_k20")  # evaluated at every --w
 
 
 def nfe(setting: str) -> int:
-    return NFE.get(setting, max(len(setting.split(",")) - 1, 1))
+    return qd.consistency_nfe(setting, NFE)
 
 
 def flags(name: str, root: pathlib.Path, steps: int) -> list[str]:
@@ -87,12 +86,6 @@ def eval_flags(name: str, root: pathlib.Path, w: float, num_samples: int) -> lis
         f"--config.eval.cache_dir={root / 'classifier'}",  # one classifier for every run
         f"--config.eval.num_samples={num_samples}",
     ]
-
-
-def _read_metrics(workdir: pathlib.Path) -> dict:
-    found = (workdir / "eval").glob("metrics_step*.json")
-    latest = max(found, key=lambda p: int(p.stem.removeprefix("metrics_step")))
-    return json.loads(latest.read_text())["settings"]
 
 
 def table(rows: list[dict], floor_fid: float) -> list[str]:
@@ -151,7 +144,7 @@ def main() -> None:
                     main_py + train + eval_flags(name, root, w, args.num_samples),
                     root / f"{name}.log",
                 )
-                done.write_text(json.dumps(_read_metrics(root / name)))
+                done.write_text(json.dumps(qd.latest_metrics(root / name)))
             for setting, metrics in json.loads(done.read_text()).items():
                 rows.append(
                     dict(run=name, setting=setting, nfe=nfe(setting), w=w, metrics=metrics,
@@ -159,20 +152,8 @@ def main() -> None:
                 )  # fmt: skip
     base = qd.floor(root)
     total = time.time() - start
-    today, commit = datetime.date.today().isoformat(), qd._commit()
-    report = [
-        f"# Guided consistency distillation on the digits ({today}, commit {commit})", "",
-        f"`{shlex.join(['python', 'benchmarks/lcd_digits.py', *sys.argv[1:]])}`", "",
-        *table(rows, base["fid"]), "",
-        f"Total wall time {total / 60:.1f} min (runs reused from earlier invocations count 0); "
-        "'train min' includes compilation.", "",
-        "Runs:", *[f"- `{c}`" for c in commands.values()],
-    ]  # fmt: skip
-    print("\n".join(report))
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"lcd_digits_{today}_{commit}.md").write_text("\n".join(report) + "\n")
-    print(json.dumps({"date": today, "commit": commit, "total_s": total, "rows": rows}))
+    title = "Guided consistency distillation on the digits"
+    qd.write_report("lcd_digits", title, table(rows, base["fid"]), rows, commands, total, args.out)
 
 
 if __name__ == "__main__":

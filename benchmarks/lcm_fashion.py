@@ -40,7 +40,6 @@ are reused (per --root; a changed step count trains on, resuming).
 """
 
 import argparse
-import datetime
 import json
 import pathlib
 import shlex
@@ -79,7 +78,7 @@ LCF = ("lcf_before", "lcf")  # evaluated at --lcf_w
 
 
 def nfe(setting: str) -> int:
-    return 35 if setting == "18" else max(len(setting.split(",")) - 1, 1)
+    return qd.consistency_nfe(setting, {"18": 35})
 
 
 def flags(name: str, root: pathlib.Path, steps: int | None) -> list[str]:
@@ -105,12 +104,6 @@ def eval_flags(name: str, root: pathlib.Path, w: float, num_samples: int) -> lis
         f"--config.eval.cache_dir={root / 'classifier'}",  # one classifier for every run
         f"--config.eval.num_samples={num_samples}",
     ]
-
-
-def _read_metrics(workdir: pathlib.Path) -> dict:
-    found = (workdir / "eval").glob("metrics_step*.json")
-    latest = max(found, key=lambda p: int(p.stem.removeprefix("metrics_step")))
-    return json.loads(latest.read_text())["settings"]
 
 
 def prepare(name: str, root: pathlib.Path, steps: int | None) -> dict:
@@ -199,7 +192,7 @@ def main() -> None:
                     + eval_flags(name, root, w, args.num_samples),
                     root / f"{name}.log",
                 )
-                done.write_text(json.dumps(_read_metrics(root / name)))
+                done.write_text(json.dumps(qd.latest_metrics(root / name)))
             classes = "new" if name in LCF else "clothes"
             train_s = timing["train_s"] if name != "lcf_before" else 0.0
             for setting, metrics in json.loads(done.read_text()).items():
@@ -213,25 +206,16 @@ def main() -> None:
         root / "encode" / "timing.json").exists() else float("nan")  # fmt: skip
     vae_s = json.loads((root / "vae" / "timing.json").read_text())["train_s"] if (
         root / "vae" / "timing.json").exists() else float("nan")  # fmt: skip
-    today, commit = datetime.date.today().isoformat(), qd._commit()
-    report = [
-        f"# Latent consistency models on Fashion-MNIST, offline ({today}, commit {commit})", "",
-        f"`{shlex.join(['python', 'benchmarks/lcm_fashion.py', *sys.argv[1:]])}`", "",
+    body = [
         f"Clothes = classes {source} (teachers, students); new = {target} (LCF: lcf_before is "
         "the LCD student on them before fine-tuning, lcf after). FID: the Fashion-MNIST "
         f"classifier's features, {args.num_samples} samples against the first 10,000 training "
         "images of those classes. The latent runs also need the autoencoder "
         f"({vae_s / 60:.1f} min) and the encoding ({encode_s / 60:.1f} min).", "",
-        *table(rows), "",
-        f"Total wall time {total / 60:.1f} min (runs reused from earlier invocations count 0); "
-        "'train min' includes compilation.", "",
-        "Runs:", *[f"- `{c}`" for c in commands.values()],
+        *table(rows),
     ]  # fmt: skip
-    print("\n".join(report))
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"lcm_fashion_{today}_{commit}.md").write_text("\n".join(report) + "\n")
-    print(json.dumps({"date": today, "commit": commit, "total_s": total, "rows": rows}))
+    title = "Latent consistency models on Fashion-MNIST, offline"
+    qd.write_report("lcm_fashion", title, body, rows, commands, total, args.out)
 
 
 if __name__ == "__main__":

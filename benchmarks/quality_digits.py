@@ -86,6 +86,40 @@ def _run(command: list[str], log: pathlib.Path) -> float:
     return time.time() - start
 
 
+def latest_metrics(workdir: pathlib.Path) -> dict:
+    """{setting: metrics} of the newest --mode=eval record in workdir (by step number)."""
+    found = (workdir / "eval").glob("metrics_step*.json")
+    latest = max(found, key=lambda p: int(p.stem.removeprefix("metrics_step")))
+    return json.loads(latest.read_text())["settings"]
+
+
+def consistency_nfe(setting: str, fixed: dict[str, int]) -> int:
+    """Network evaluations of an eval setting: `fixed` for teachers' 'N', else the steps of
+    '1' / 'i0,...,N-1' (the last index ends the chain)."""
+    return fixed.get(setting, max(len(setting.split(",")) - 1, 1))
+
+
+def write_report(
+    stem: str, title: str, body: list[str], rows: list[dict], commands: dict, total: float, out: str
+) -> None:
+    """Print and write benchmarks/results/{stem}_DATE_COMMIT.md (title, the command line,
+    body, wall time, the runs' commands), then one JSON line."""
+    today, commit = datetime.date.today().isoformat(), _commit()
+    report = [
+        f"# {title} ({today}, commit {commit})", "",
+        f"`{shlex.join(['python', f'benchmarks/{stem}.py', *sys.argv[1:]])}`", "",
+        *body, "",
+        f"Total wall time {total / 60:.1f} min (runs reused from earlier invocations count 0); "
+        "'train min' includes compilation.", "",
+        "Runs:", *[f"- `{c}`" for c in commands.values()],
+    ]  # fmt: skip
+    print("\n".join(report))
+    path = pathlib.Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{stem}_{today}_{commit}.md").write_text("\n".join(report) + "\n")
+    print(json.dumps({"date": today, "commit": commit, "total_s": total, "rows": rows}))
+
+
 def floor(root: pathlib.Path) -> dict:
     """The digits FID of the 360 held-out test images against the 1,437 training images."""
     config, mesh = _digits.digits(), sharding.make_mesh()
