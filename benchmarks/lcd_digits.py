@@ -118,14 +118,8 @@ def main() -> None:
     args = parser.parse_args()
     root = pathlib.Path(args.root).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    names = [n for n in args.runs.split(",") if n]
-    for name in names:
-        if name not in RUNS:
-            raise SystemExit(f"--runs: unknown {name!r}; choose from {tuple(RUNS)}")
-        teacher = RUNS[name][2]
-        if teacher and teacher not in names and not (root / teacher / "checkpoints").exists():
-            raise SystemExit(f"--runs: {name} needs the {teacher} run (add it to --runs)")
-    sweep = [float(w) for w in args.w.split(",") if w]
+    names = qd.run_names(args.runs, RUNS, root, {n: r[2] for n, r in RUNS.items()}, "checkpoints")
+    sweep = qd.floats(args.w)
     start, rows, commands = time.time(), [], {}
     for name in names:
         steps = max(int(RUNS[name][3] * args.steps_scale), 10)
@@ -139,13 +133,8 @@ def main() -> None:
         commands[name] = shlex.join(["python", "main.py", *train])
         for w in sweep if name in SWEPT else [args.ablation_w]:
             done = root / name / f"eval_w{w:g}_n{args.num_samples}.json"
-            if not done.exists():
-                qd._run(
-                    main_py + train + eval_flags(name, root, w, args.num_samples),
-                    root / f"{name}.log",
-                )
-                done.write_text(json.dumps(qd.latest_metrics(root / name)))
-            for setting, metrics in json.loads(done.read_text()).items():
+            command = main_py + train + eval_flags(name, root, w, args.num_samples)
+            for setting, metrics in qd.scored_once(command, root / name, done).items():
                 rows.append(
                     dict(run=name, setting=setting, nfe=nfe(setting), w=w, metrics=metrics,
                          steps=steps, train_s=timing["train_s"])

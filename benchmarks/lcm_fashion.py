@@ -161,19 +161,11 @@ def main() -> None:
     args = parser.parse_args()
     root = pathlib.Path(args.root).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    names = [n for n in args.runs.split(",") if n]
-    for name in names:
-        if name not in RUNS:
-            raise SystemExit(f"--runs: unknown {name!r}; choose from {tuple(RUNS)}")
-        need = NEEDS.get(name)
-        if need and need not in names and not (root / need / "timing.json").exists():
-            raise SystemExit(f"--runs: {name} needs the {need} run (add it to --runs)")
+    names = qd.run_names(args.runs, RUNS, root, NEEDS, "timing.json")
     from configs import lcd_latent_fashion  # the class split every stage's config uses
 
     source, target = lcd_latent_fashion.SOURCE, lcd_latent_fashion.TARGET
-    sweep = [float(w) for w in args.w.split(",") if w]
-    lcf_sweep = [float(w) for w in args.lcf_w.split(",") if w]
-    teacher_sweep = [float(w) for w in args.teacher_w.split(",") if w]
+    sweep, lcf_sweep, teacher_sweep = (qd.floats(a) for a in (args.w, args.lcf_w, args.teacher_w))
     start, rows, commands = time.time(), [], {}
     for name in names:
         steps = RUNS[name][4]
@@ -186,16 +178,13 @@ def main() -> None:
             continue
         for w in sweep if name in SWEPT else teacher_sweep if name in TEACHERS else lcf_sweep:
             done = root / name / f"eval_w{w:g}_n{args.num_samples}.json"
-            if not done.exists():
-                qd._run(
-                    [sys.executable, "main.py", *timing["flags"]]
-                    + eval_flags(name, root, w, args.num_samples),
-                    root / f"{name}.log",
-                )
-                done.write_text(json.dumps(qd.latest_metrics(root / name)))
+            command = [sys.executable, "main.py", *timing["flags"]]
+            scored = qd.scored_once(
+                command + eval_flags(name, root, w, args.num_samples), root / name, done
+            )
             classes = "new" if name in LCF else "clothes"
             train_s = timing["train_s"] if name != "lcf_before" else 0.0
-            for setting, metrics in json.loads(done.read_text()).items():
+            for setting, metrics in scored.items():
                 rows.append(
                     dict(run=name, classes=classes, setting=setting, nfe=nfe(setting), w=w,
                          metrics=metrics, steps=steps if name != "lcf_before" else 0,

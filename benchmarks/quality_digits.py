@@ -86,6 +86,33 @@ def _run(command: list[str], log: pathlib.Path) -> float:
     return time.time() - start
 
 
+def run_names(arg, runs: dict, root: pathlib.Path, needs: dict, finished: str) -> list[str]:
+    """The runs of --runs (comma-separated, or a list), each known, each one's prerequisite
+    (needs[name], a run or None) either among them or finished (root/need/finished exists)."""
+    names = [n for n in arg.split(",") if n] if isinstance(arg, str) else list(arg)
+    for name in names:
+        if name not in runs:
+            raise SystemExit(f"--runs: unknown {name!r}; choose from {tuple(runs)}")
+        need = needs.get(name)
+        if need and need not in names and not (root / need / finished).exists():
+            raise SystemExit(f"--runs: {name} needs the {need} run (add it to --runs)")
+    return names
+
+
+def floats(arg: str) -> list[float]:
+    """A comma-separated list of numbers (--w=0,1,2)."""
+    return [float(v) for v in arg.split(",") if v]
+
+
+def scored_once(command: list[str], workdir: pathlib.Path, done: pathlib.Path) -> dict:
+    """{setting: metrics} of a --mode=eval command, run (output to workdir's log beside it) and
+    kept in `done` the first time, read from it afterwards."""
+    if not done.exists():
+        _run(command, workdir.parent / f"{workdir.name}.log")
+        done.write_text(json.dumps(latest_metrics(workdir)))
+    return json.loads(done.read_text())
+
+
 def latest_metrics(workdir: pathlib.Path) -> dict:
     """{setting: metrics} of the newest --mode=eval record in workdir (by step number)."""
     found = (workdir / "eval").glob("metrics_step*.json")
@@ -189,13 +216,8 @@ def main() -> None:
     args = parser.parse_args()
     root = pathlib.Path(args.root).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    names = list(RUNS) if args.runs == "all" else [n for n in args.runs.split(",") if n]
-    for name in names:
-        if name not in RUNS:
-            raise SystemExit(f"--runs: unknown {name!r}; choose from {tuple(RUNS)}")
-        teacher = RUNS[name][3]
-        if teacher and teacher not in names and not (root / teacher / "checkpoints").exists():
-            raise SystemExit(f"--runs: {name} needs the {teacher} run (add it to --runs)")
+    runs = list(RUNS) if args.runs == "all" else args.runs
+    names = run_names(runs, RUNS, root, {n: r[3] for n, r in RUNS.items()}, "checkpoints")
     fixed = {}
     for item in filter(None, args.steps.split(",")):
         name, _, count = item.partition("=")
