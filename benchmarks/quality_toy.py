@@ -5,7 +5,7 @@
 The data is a mixture of isotropic Gaussians (benchmarks/toy_mixture.py), so the ideal denoiser
 D* is known in closed form, the CD teacher is exact, and the PF-ODE map f*(x, sigma) is
 integrated in float64 (tolerance checked against a 100x looser solve). Small MLP consistency
-models, trained as rows of the method table (experiment/methods.py) by the production train
+models, trained as rows of the method table (experiment/methods/) by the production train
 step (experiment/update.py), are scored by E||f_theta - f*|| over the 18-point
 Karras grid and by sliced W2 and unbiased MMD^2 of 1, 2 and 4 step samples against fresh true
 samples, next to the EDM Heun teacher (35 NFE), the exact ODE map applied to sigma_max z and a

@@ -81,7 +81,7 @@ def _model() -> ml_collections.ConfigDict:
 
 def _training() -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
-    t.loss = "ct"  # methods.py's rows: edm ddpm cd ct (iCT) pd ect cd/ct_continuous sct scd vae
+    t.loss = "ct"  # edm ddpm cd guided_cd ct (iCT) pd ect cd/ct_continuous sct scd vae
     t.batch_size = 128  # global batch over all devices and hosts
     t.num_steps = 2000  # optimiser steps of the run
     t.n_jitted_steps = 1  # steps fused in one jitted call with lax.scan

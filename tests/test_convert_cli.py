@@ -15,7 +15,7 @@ from flax import traverse_util
 from test_convert_diffusers import diffusers_config, to_diffusers, write_safetensors
 
 from configs import cd_cifar10, cd_imagenet64
-from consistency.experiment import convert, networks, sample, train
+from consistency.experiment import convert, networks, resume, sample
 from consistency.io import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -113,14 +113,14 @@ def test_adm_conversion_is_a_cd_teacher(adm, tmp_path):
         config.training.teacher_checkpoint = str(adm["ckpt_dir"])
         network = networks.build_network(config)
         expected = checkpoints.param_fingerprint(sample.abstract_params(config, network))
-        train.load_teacher(config, network, expected)
+        resume.load_teacher(config, network, expected)
     ckpt_dir, _ = convert.convert(  # an official EDM teacher is converted as what it is
         config, source="cm-pt", checkpoint=adm["files"][".pt"], out=tmp_path, method="edm"
     )
     config.training.teacher_checkpoint = str(ckpt_dir)
     network = networks.build_network(config)
     expected = checkpoints.param_fingerprint(sample.abstract_params(config, network))
-    teacher = train.load_teacher(config, network, expected)
+    teacher = resume.load_teacher(config, network, expected)
     want = _flat(
         convert.read_params("cm-pt", adm["files"][".pt"], sample.abstract_params(config, network))
     )

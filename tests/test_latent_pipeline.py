@@ -17,6 +17,7 @@ from consistency.experiment import (
     evaluate,
     latent,
     networks,
+    resume,
     sample,
     spec,
     train,
@@ -250,7 +251,7 @@ def guided_student(encoded):
     )
     fingerprint = checkpoints.param_fingerprint(shapes)
     ckpt = checkpoints.Checkpointer(root / "student" / "checkpoints")
-    ckpt.save(1, state, train.checkpoint_meta(config, fingerprint))
+    ckpt.save(1, state, resume.checkpoint_meta(config, fingerprint))
     ckpt.close()
     return root, config
 

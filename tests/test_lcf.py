@@ -8,7 +8,7 @@ import pytest
 
 from configs import lcd_latent_digits
 from consistency.core import distances
-from consistency.experiment import methods, networks, sample, spec, train, train_state, update
+from consistency.experiment import methods, networks, resume, sample, spec, train_state, update
 from consistency.experiment.train_state import TrainState
 from consistency.io import checkpoints, sharding
 
@@ -119,7 +119,7 @@ def _write_student(config, directory):
     state = state.replace(ema_params=(ema,))
     fingerprint = checkpoints.param_fingerprint(sample.abstract_params(config, network))
     ckpt = checkpoints.Checkpointer(directory)
-    ckpt.save(3, state, train.checkpoint_meta(_config("student"), fingerprint))
+    ckpt.save(3, state, resume.checkpoint_meta(_config("student"), fingerprint))
     ckpt.close()
     return network, ema, fingerprint
 
@@ -129,7 +129,7 @@ def test_init_checkpoint_starts_params_target_and_ema_exactly_from_the_guided_st
     config.training.init_checkpoint = str(tmp_path / "student")
     network, ema, fingerprint = _write_student(config, tmp_path / "student")
     mesh, tx = sharding.make_mesh(), train_state.optimizer(config)
-    start = train.load_start(config, fingerprint, mesh)
+    start = resume.load_start(config, fingerprint, mesh)
     state = update.init_state(config, network, tx, mesh, start=start)
     assert int(state.step) == 0 and state.target_params is not None
     for copy in (state.params, state.target_params, *state.ema_params):
@@ -140,4 +140,4 @@ def test_init_checkpoint_starts_params_target_and_ema_exactly_from_the_guided_st
     plain.training.init_checkpoint = config.training.init_checkpoint
     shapes = sample.abstract_params(plain, networks.build_network(plain))
     with pytest.raises(checkpoints.ModelMismatchError, match="LCF: model.guidance_embed_dim"):
-        train.load_start(plain, checkpoints.param_fingerprint(shapes), mesh)
+        resume.load_start(plain, checkpoints.param_fingerprint(shapes), mesh)

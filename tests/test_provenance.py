@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
-from consistency.experiment import edit, evaluate, networks, sample, train
+from consistency.experiment import edit, evaluate, networks, resume, sample, train
 from consistency.io import checkpoints
 
 # The test config with a one-level UNet and no PNG grids: quick to compile.
@@ -69,12 +69,12 @@ def test_a_teacher_of_another_parameterization_is_refused():
     config.model.parameterization = "trigflow"
     meta = {"method": "edm", "samples_as": "diffusion", "parameterization": "edm"}
     with pytest.raises(checkpoints.ModelMismatchError, match="parameterization='trigflow'"):
-        train.check_teacher(meta, config, "DIR")
-    train.check_teacher(dict(meta, parameterization="trigflow"), config, "DIR")
+        resume.check_teacher(meta, config, "DIR")
+    resume.check_teacher(dict(meta, parameterization="trigflow"), config, "DIR")
 
 
 def test_an_older_checkpoint_without_a_record_is_accepted_with_a_warning(capsys):
-    train.check_teacher({"model": "unet"}, _config(loss="cd"), "DIR")
+    resume.check_teacher({"model": "unet"}, _config(loss="cd"), "DIR")
     sample.check_kind({"model": "unet"}, _config(), "DIR")
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and all("does not record its method" in line for line in out)

@@ -100,7 +100,7 @@ def test_sliced_w2_and_mmd_separate_shifted_sets():
 
 
 def test_the_toy_methods_are_rows_of_the_method_table():
-    # Every entry trains a row of experiment/methods.py; the target copy theta- is kept exactly
+    # Every entry trains a row of experiment/methods/; the target copy theta- is kept exactly
     # where mu > 0 (CD, CT), and the row's fields land in the results' JSON.
     rows = {m.name: m.row(400) for m in (qt.EDM, *qt.METHODS)}
     assert all(isinstance(r, methods.Method) for r in rows.values())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from consistency.experiment import train
+from consistency.experiment import resume, train
 from consistency.io import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_a_run_is_recorded_once_it_has_started(trained):
 def test_a_structural_change_stops_naming_what_changed(workdir, flags, key, part):
     before = _files(workdir)
     config = _config(**{"training.num_steps": 4, **flags})
-    with pytest.raises(train.ResumeMismatchError) as error:
+    with pytest.raises(resume.ResumeMismatchError) as error:
         train.train_and_evaluate(config, str(workdir))
     message = str(error.value)
     assert key in message and part in message and "resume_reinit_changed=True" in message

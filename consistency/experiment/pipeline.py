@@ -12,7 +12,7 @@ import numpy as np
 from consistency.convert import diffusers
 from consistency.core import samplers
 from consistency.core.schedules import NoiseGrid
-from consistency.experiment import latent, methods, networks, sample, spec, train
+from consistency.experiment import latent, methods, networks, resume, sample, spec
 from consistency.io import image_io, sharding
 
 OUTPUT_TYPES = ("pil", "np", "uint8", "jax")
@@ -350,7 +350,7 @@ def _tuples(value):
 
 def _recorded_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
     """The config a run recorded (its last start), with keys newer than the run defaulted."""
-    recorded, _ = train.recorded_config(workdir)
+    recorded, _ = resume.recorded_config(workdir)
     if recorded is None:
         raise FileNotFoundError(
             f"{workdir}: no runs.jsonl or config.json (not a training run's --workdir); pass "
