@@ -56,7 +56,8 @@ TEACHER_SETTINGS = ("18",)  # Heun, 35 evaluations
 STUDENT_SETTINGS = ("1", "0,11,17", "0,4,8,12,17")  # 1, 2, 4 steps on the 18-point grid
 LATENT = "configs/lcd_latent_fashion.py"
 # name: (config, mode, training overrides, {flag: run whose workdir it names}, steps or None).
-# Steps: sized for ~60 min on 2 cores (the module docstring: a rough estimate).
+# Steps: sized for ~60 min on 2 cores (the module docstring: a rough estimate); each pixel stage
+# trains as many steps as its latent counterpart (teachers 1,000, students 300).
 RUNS = {
     "vae": ("configs/vae_fashion.py", "train", {}, {}, 600),
     "encode": ("configs/latent_fashion.py", "encode", {}, {}, None),
@@ -66,7 +67,7 @@ RUNS = {
     "lcf_before": (f"{LATENT}:lcf", "eval", {},
                    {"training.init_checkpoint": "student/checkpoints"}, 200),
     "lcf": (f"{LATENT}:lcf", "train", {}, {"training.init_checkpoint": "student/checkpoints"}, 200),
-    "pixel_teacher": ("configs/lcd_fashion.py:teacher", "train", {}, {}, 300),
+    "pixel_teacher": ("configs/lcd_fashion.py:teacher", "train", {}, {}, 1000),
     "pixel_student": ("configs/lcd_fashion.py:student", "train", {},
                       {"training.teacher_checkpoint": "pixel_teacher/checkpoints"}, 300),
 }  # fmt: skip
