@@ -33,6 +33,7 @@ case "${1:-help}" in
 # --- Offline, on the bundled 8x8 digits (2 CPU cores, minutes) ---
 digits)
   run --config=configs/edm_digits.py --workdir=$RUNS/edm_digits
+  run --config=configs/edm_digits.py --workdir=$RUNS/edm_digits --mode=eval
   run --config=configs/cd_digits.py --workdir=$RUNS/cd_digits \
     --config.training.teacher_checkpoint=$RUNS/edm_digits/checkpoints
   run --config=configs/ct_digits.py --workdir=$RUNS/ct_digits ;;
