@@ -27,6 +27,7 @@ setup(
         "tensorboardX",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
+        # pytest-xdist: the suite on both cores (-n 2; XLA compiles on one core at a time).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
     },
 )
