@@ -5,8 +5,8 @@
         --config.training.distance=l2 --config.training.batch_size=8 --steps=3 --repeats=5
     python benchmarks/step_overhead.py --config=configs/quick_digits.py --profile=/tmp/prof
 
-In one process: (a) the floor: the configured method's loss on the batch (one key, no per-example
-vmap), mean-reduced, its value_and_grad and the optax update, jitted with params and optimiser
+In one process: (a) the floor: the configured method's loss on the batch (one key, not one per
+example), mean-reduced, its value_and_grad and the optax update, jitted with params and optimiser
 state donated; (b) the full step (update.train_step_for, built as benchmarks/train_step.py
 builds it). Their timed repetitions alternate (a b a b ...) so that machine drift falls on both;
 each repetition is --steps calls, then a block; the table shows the median over --repeats.
@@ -157,7 +157,7 @@ def variants(config, s: bench.Setup, profile: bool) -> list[Runner]:
         runners[0],
         Runner(
             "per-example keys",
-            "floor with update.make_grad_fn (vmap of fold_in(key, i) losses)",
+            "floor with update.make_grad_fn (keys fold_in(key, i), one batched loss)",
             _donating(per_example, fresh(), (0, 1)),
         ),
         Runner(

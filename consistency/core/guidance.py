@@ -3,12 +3,13 @@
 import jax
 import jax.numpy as jnp
 
+from consistency.core import keys
 from consistency.core.parameterization import broadcast_to
 
 
 def drop_labels(y: jax.Array, key: jax.Array, *, rate: float, null_class: int) -> jax.Array:
     """y_i -> null_class with probability rate, independently per example (CFG teachers)."""
-    drop = jax.random.bernoulli(key, rate, jnp.shape(y))
+    drop = keys.bernoulli(key, rate, jnp.shape(y))
     return jnp.where(drop, jnp.asarray(null_class, jnp.asarray(y).dtype), y)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from consistency.core import vp
+from consistency.core import keys, vp
 from consistency.core.distances import l2
 from consistency.core.ode import euler_step
 from consistency.core.parameterization import SIGMA_DATA, broadcast_to, get_weighting, trigflow_time
@@ -58,9 +58,9 @@ def edm_loss(
     sums it: a factor of H*W*C that moves the learning rate, not the optimum).
     """
     weighting = weighting or get_weighting("karras", sigma_data=sigma_data)
-    k_sigma, k_z, k_drop = jax.random.split(key, 3)
+    k_sigma, k_z, k_drop = keys.split(key, 3)
     sigma = sample_lognormal_sigma(k_sigma, x0.shape[0], p_mean=p_mean, p_std=p_std)
-    z = jax.random.normal(k_z, x0.shape, jnp.float32)
+    z = keys.normal(k_z, x0.shape, jnp.float32)
     denoised = denoise_fn(params, x0 + broadcast_to(sigma, x0) * z, sigma, k_drop)
     losses = weighting(sigma) * l2(denoised, x0)
     return _check_per_example(losses, x0.shape[0]), {"sigma": sigma}
@@ -82,10 +82,10 @@ def ddpm_loss(
     bare network on the VP sample and the float timestep. Metrics: 'sigma' = sqrt((1-abar)/abar)
     (the EDM level of t) and 'timestep' t.
     """
-    k_t, k_z, k_drop = jax.random.split(key, 3)
+    k_t, k_z, k_drop = keys.split(key, 3)
     ac = jnp.asarray(alphas_cumprod, jnp.float32)
-    t = jax.random.randint(k_t, (x0.shape[0],), 0, ac.shape[0])
-    eps = jax.random.normal(k_z, x0.shape, jnp.float32)
+    t = keys.randint(k_t, (x0.shape[0],), 0, ac.shape[0])
+    eps = keys.normal(k_z, x0.shape, jnp.float32)
     abar = ac[t]
     if prediction == "epsilon":
         target = eps
@@ -149,7 +149,7 @@ def _discrete_consistency_loss(
     The index is drawn as for N - k + 1 points, so skip = 1 draws exactly as before. With a
     `sigma_table` (a VP teacher's timesteps) the pairs are LCM's instead (`_table_pairs`).
     """
-    k_idx, k_z, k_drop = jax.random.split(key, 3)
+    k_idx, k_z, k_drop = keys.split(key, 3)
     if sigma_table is not None:
         t, t2, index = _table_pairs(k_idx, x0.shape[0], sigma_table=sigma_table, skip=skip)
     else:
@@ -157,7 +157,7 @@ def _discrete_consistency_loss(
         index = (index_sampler or sample_train_indices)(k_idx, x0.shape[0], pairs)
         t = karras_sigma(index, num_scales, **grid)
         t2 = karras_sigma(index + skip, num_scales, **grid)
-    z = jax.random.normal(k_z, x0.shape, jnp.float32)
+    z = keys.normal(k_z, x0.shape, jnp.float32)
     losses = consistency_loss_at(
         consistency_fn, params, target_params, teacher_step, x0, t, t2, z, k_drop, **kw
     )
@@ -170,7 +170,7 @@ def _table_pairs(key: jax.Array, batch: int, *, sigma_table: jax.Array, skip: in
     """
     table = jnp.asarray(sigma_table, jnp.float32)
     count = table.shape[0] // skip
-    start = (jax.random.randint(key, (batch,), 0, count) + 1) * skip - 1
+    start = (keys.randint(key, (batch,), 0, count) + 1) * skip - 1
     return table[start], table[vp.lcm_skip_end(start, skip=skip)], start
 
 
@@ -294,10 +294,10 @@ def easy_consistency_loss(
     trains the network with the EDM scalings (f(x, 0) = x) and samples with the boundary ones.
     Both passes share z and the dropout key.
     """
-    k_t, k_z, k_drop = jax.random.split(key, 3)
+    k_t, k_z, k_drop = keys.split(key, 3)
     t = sample_lognormal_sigma(k_t, x0.shape[0], p_mean=p_mean, p_std=p_std)
     r = ect_r(t, step, q=q, k=k, b=b, stage_steps=stage_steps)
-    z = jax.random.normal(k_z, x0.shape, jnp.float32)
+    z = keys.normal(k_z, x0.shape, jnp.float32)
     online = consistency_fn(params, x0 + broadcast_to(t, x0) * z, t, k_drop)
     use_net = r > r_min
     r_safe = jnp.where(use_net, r, 1.0)  # any valid noise level where x0 is the target
@@ -328,11 +328,11 @@ def continuous_consistency_loss(
     score = (D(x_t, t) - x_t)/t^2 of the frozen teacher (CD), or (x0 - x_t)/t^2 (CT), so the x
     tangent t score is (D - x_t)/t, or -z. t^(1/rho) is uniform between the grid's ends.
     """
-    k_t, k_z, k_drop = jax.random.split(key, 3)
+    k_t, k_z, k_drop = keys.split(key, 3)
     t = sample_rho_uniform_sigma(
         k_t, x0.shape[0], sigma_min=sigma_min, sigma_max=sigma_max, rho=rho
     )
-    z = jax.random.normal(k_z, x0.shape, jnp.float32)
+    z = keys.normal(k_z, x0.shape, jnp.float32)
     x_t = x0 + broadcast_to(t, x0) * z
     if teacher_denoise is None:
         x_tangent = -z
@@ -408,12 +408,12 @@ def scm_loss(
     sin t x0 (sCT) or `velocity_fn(x_t, t)` (sCD); `warmup` is r; w = `logvar_fn(params, t)`
     is the learned adaptive weighting. Both passes share the dropout key.
     """
-    k_t, k_z, k_drop = jax.random.split(key, 3)
+    k_t, k_z, k_drop = keys.split(key, 3)
     batch, dim = x0.shape[0], x0[0].size
     sigma = sample_lognormal_sigma(k_t, batch, p_mean=p_mean, p_std=p_std)
     t = trigflow_time(sigma, sigma_data=sigma_data)
     cos, sin = broadcast_to(jnp.cos(t), x0), broadcast_to(jnp.sin(t), x0)
-    z = sigma_data * jax.random.normal(k_z, x0.shape, jnp.float32)
+    z = sigma_data * keys.normal(k_z, x0.shape, jnp.float32)
     x_t = cos * x0 + sin * z
     if velocity_fn is None:
         dxdt = cos * z - sin * x0
@@ -456,13 +456,13 @@ def progressive_distillation_loss(
     is the EDM denoiser `denoise_fn(params, x, sigma, dropout_key)`. jcm uses the 'truncated-snr'
     weighting max(1/t^2, 1) and the per-pixel-mean l2 distance by default.
     """
-    k_idx, k_z, k_drop = jax.random.split(key, 3)
+    k_idx, k_z, k_drop = keys.split(key, 3)
     batch = x0.shape[0]
-    index = jax.random.randint(k_idx, (batch,), 0, jnp.asarray(num_scales, jnp.int32))
+    index = keys.randint(k_idx, (batch,), 0, jnp.asarray(num_scales, jnp.int32))
     t, t2, t3 = progdist_sigmas(
         index, num_scales, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho
     )
-    z = jax.random.normal(k_z, x0.shape, jnp.float32)
+    z = keys.normal(k_z, x0.shape, jnp.float32)
     x_t = x0 + broadcast_to(t, x0) * z
     x_t2 = euler_step(teacher_denoise, x_t, t, t2)
     x_t3 = euler_step(teacher_denoise, x_t2, t2, t3)

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from consistency.core import keys
+
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
 RHO = 7.0
@@ -188,14 +190,14 @@ def validate_schedule(target_ema_mode: str, scale_mode: str, start_scales: int, 
 
 def sample_train_indices(key: jax.Array, batch: int, num_scales: jax.Array) -> jax.Array:
     """i ~ U{0, ..., N-2}: the online net sees sigma_i, the target sigma_{i+1}."""
-    return jax.random.randint(key, (batch,), 0, jnp.asarray(num_scales, jnp.int32) - 1)
+    return keys.randint(key, (batch,), 0, jnp.asarray(num_scales, jnp.int32) - 1)
 
 
 def sample_lognormal_sigma(
     key: jax.Array, batch: int, *, p_mean: float = -1.2, p_std: float = 1.2
 ) -> jax.Array:
     """ln sigma ~ N(P_mean, P_std^2) (EDM training noise levels)."""
-    return jnp.exp(p_mean + p_std * jax.random.normal(key, (batch,)))
+    return jnp.exp(p_mean + p_std * keys.normal(key, (batch,)))
 
 
 def max_num_scales(scale_mode: str, *, start_scales: int, end_scales: int) -> int:
@@ -241,7 +243,7 @@ def sample_lognormal_indices(
     """
     probs = lognormal_index_probs(num_scales, max_scales=max_scales, **kwargs)
     cdf = jnp.cumsum(probs)
-    u = jax.random.uniform(key, (batch,)) * cdf[-1]
+    u = keys.uniform(key, (batch,)) * cdf[-1]
     index = jnp.searchsorted(cdf, u, side="right")  # the first i with cdf_i > u: p_i > 0
     return jnp.minimum(index, jnp.asarray(num_scales, jnp.int32) - 2).astype(jnp.int32)
 
@@ -255,7 +257,7 @@ def sample_rho_uniform_sigma(
     rho: float = RHO,
 ) -> jax.Array:
     """sigma^(1/rho) ~ U[sigma_max^(1/rho), sigma_min^(1/rho)]: the continuous Karras grid (jcm)."""
-    u = jax.random.uniform(key, (batch,))
+    u = keys.uniform(key, (batch,))
     return karras_sigma(u, 2, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
 
 

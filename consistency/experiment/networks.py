@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from consistency.core import distances, parameterization
+from consistency.core import distances, keys, parameterization
 from consistency.experiment import methods
 from consistency.measure import lpips
 from consistency.models.adm import ADMUNet, attention_ds
@@ -52,13 +52,19 @@ class Network:
     remat: str = "none"  # a key of REMAT_POLICIES: rematerialisation of the whole network
     guided: bool = False  # takes LCM's guidance scale w [B] (model.guidance_embed_dim > 0)
 
+    @property
+    def draws_dropout(self) -> bool:
+        """Whether training draws dropout masks (model.dropout > 0; `train` switches only them)."""
+        return getattr(self.module, "dropout", 0.0) > 0
+
     def apply(self, params, x_in, c_noise, y, dropout_key, guidance=None):
         """F(x_in, c_noise[, y][, w]); dropout is active exactly when a dropout key is given.
 
-        guidance: w [B], given exactly when the network is guided."""
+        guidance: w [B], given exactly when the network is guided. dropout_key may be one key
+        per example [B] (keys.is_batch): each example's mask is the one it would draw alone, so
+        with dropout the network runs per example (vmap); without, once on the batch."""
         params = params["net"] if self.logvar is not None else params
         train = dropout_key is not None
-        rngs = {"dropout": dropout_key} if train else {}
 
         def run(params, x_in, c_noise, y, rngs, guidance):
             args = (x_in, c_noise, y) if self.takes_labels else (x_in, c_noise)
@@ -69,7 +75,11 @@ class Network:
             raise ValueError("this network is guided (model.guidance_embed_dim > 0): pass w")
         if self.remat != "none":
             run = jax.checkpoint(run, policy=REMAT_POLICIES[self.remat])
-        return run(params, x_in, c_noise, y, rngs, guidance)
+        if not train or (keys.is_batch(dropout_key) and not self.draws_dropout):
+            # No mask to draw (eval, or rate 0: Dropout returns before asking for an rng).
+            return run(params, x_in, c_noise, y, {}, guidance)
+        per = lambda k, x, c, y, w: run(params, x, c, y, {"dropout": k}, w)
+        return keys.per_example(per, dropout_key, x_in, c_noise, y, guidance)
 
     def unguided(self) -> "Network":
         """The same network without the guidance input: the guided student's teacher."""
@@ -92,11 +102,12 @@ class Network:
         return {"net": net, "logvar": logvar}
 
     def autoencode(self, params, x, key):
-        """(D(z), KL(q(z|x) || N(0, I)) [B]) of an autoencoder; z = mean + std eps, eps from key."""
+        """(D(z), KL(q(z|x) || N(0, I)) [B]) of an autoencoder; z = mean + std eps, eps from key
+        (or eps_i from key i of keys [B]: one encoder and decoder pass on the batch)."""
 
         def run(module, x):
             posterior = module.encode(x)
-            noise = jax.random.normal(key, posterior.mean.shape, posterior.mean.dtype)
+            noise = keys.normal(key, posterior.mean.shape, posterior.mean.dtype)
             return module.decode(posterior.sample(noise)), posterior.kl()
 
         return self.module.apply({"params": params}, x, method=run)

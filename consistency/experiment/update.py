@@ -224,17 +224,17 @@ def per_example_loss(loss):
 
     (params, target, teacher, batch [B], key, step, index [B]) -> (losses [B], aux of [B] leaves).
     Each example's noise then depends on (step, index) alone: the same for any number of
-    devices, hosts or micro-batches.
+    devices, hosts or micro-batches. The loss runs once on the batch with the keys [B]: its
+    draws (core/keys.py) give each example the bits it would draw alone, and its network runs
+    on the whole batch (per example only where dropout draws masks: networks.Network.apply).
     """
 
     def fn(params, target_params, teacher_params, batch, key, step, index):
-        def one(example, i):
-            single = jax.tree.map(lambda v: v[None], example)
-            k = jax.random.fold_in(key, i)
-            per, aux = loss(params, target_params, teacher_params, single, k, step)
-            return per[0], jax.tree.map(lambda v: v[0] if jnp.ndim(v) else v, aux)
-
-        return jax.vmap(one)(batch, index)
+        example_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
+        per, aux = loss(params, target_params, teacher_params, batch, example_keys, step)
+        # A scalar metric (the same for every example) is given per example, as the others.
+        per_row = lambda v: v if jnp.ndim(v) else jnp.broadcast_to(v, per.shape)
+        return per, jax.tree.map(per_row, aux)
 
     return fn
 

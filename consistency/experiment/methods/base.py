@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from consistency.core import distances, guidance, parameterization, vp
+from consistency.core import distances, guidance, keys, parameterization, vp
 from consistency.core.schedules import Curriculum, NoiseGrid
 
 INDEX_SAMPLINGS = ("uniform", "lognormal")
@@ -154,7 +154,7 @@ def _dropped_labels(y, key, rate: float, null_class: int):
     without dropout draw as before."""
     if rate <= 0:
         return y
-    k_drop = jax.random.fold_in(key, 0x1AB)
+    k_drop = keys.fold_in(key, 0x1AB)
     return guidance.drop_labels(y, k_drop, rate=rate, null_class=null_class)
 
 

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from consistency.core import guidance, losses, ode, schedules, vp
+from consistency.core import guidance, keys, losses, ode, schedules, vp
 from consistency.core.schedules import Curriculum, NoiseGrid
 from consistency.experiment.methods.base import (
     ALL_DISTANCES,
@@ -47,8 +47,8 @@ class CT(Method):
 
     def sample_w(self, key, batch: int) -> jax.Array:
         """w ~ U[w_min, w_max] per example, from a key of its own (the pairs draw as unguided)."""
-        k_w = jax.random.fold_in(key, 0x6C3)
-        return jax.random.uniform(k_w, (batch,), minval=self.w_min, maxval=self.w_max)
+        k_w = keys.fold_in(key, 0x6C3)
+        return keys.uniform(k_w, (batch,), minval=self.w_min, maxval=self.w_max)
 
     @property
     def keeps_target(self) -> bool:
