@@ -12,7 +12,9 @@ curriculum and learning rate chosen for a 1,200-step run by measurement
   is far behind at this length (91.8 / 37.1).
 Measured (this file, 2 shared cores): 1-step digits FID 19.7, 2-step (sigma 80, 0.821) 7.6 (the
 test split scores 11.2); 7.2 min wall including start-up and the final FID at 3.1 steps/s,
-~5 min expected at the 4.7 steps/s of a quieter machine. The aim (10 / 5) is not met.
+~5 min expected at the 4.7 steps/s of a quieter machine. On the quiet machine at commit 473d716:
+4 min 46 s, 17.6 / 7.1 (README). The aim (10 / 5) is not met at 1,200 steps; iCT stretched to
+20,000 steps reaches it at 11,000 (benchmarks/results/convergence_digits_2026-12-04_cb67930.md).
 eval.every_steps = STEPS: both settings' FID is printed once, at the last step (~20 s).
 
 --config=configs/quick_digits.py:adm trains the same recipe on an ADM network (cm's UNet) of the
