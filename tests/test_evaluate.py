@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from consistency.experiment import evaluate, networks, sample, spec, train
+from consistency.experiment import evaluate, networks, sample, sampling_spec, spec, train
 from consistency.io import sharding
 from consistency.measure import digits
 
@@ -55,7 +55,7 @@ def test_digits_fid_floor_and_noise(cache, tmp_path):
 def test_sample_ids_do_not_depend_on_how_the_ids_are_split():
     """Generating ids [0, n) in one call equals the concatenation of its two halves (8 devices)."""
     config = test_config.get_config()
-    sampler = spec.sampler(config, "0,22,39")  # re-noises once
+    sampler = sampling_spec.sampler(config, "0,22,39")  # re-noises once
     mesh = sharding.make_mesh()
     network = networks.build_network(config)
     x, y = np.zeros((1, 8, 8, 1), np.float32), np.zeros((1,), np.int32)
@@ -189,4 +189,4 @@ def test_search_settings_are_validated():
     config.eval.update(settings=("search",), every_steps=2)
     (problem,) = spec.problems(config, mode="train")
     assert "runs in --mode=eval only" in problem and "eval.every_steps=0" in problem
-    assert spec.search_range(config, "search") == (1, 38)
+    assert sampling_spec.search_range(config, "search") == (1, 38)

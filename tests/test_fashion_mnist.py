@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from consistency.experiment import evaluate, sample, spec
+from consistency.experiment import evaluate, sample, sampling_spec, spec
 from consistency.io import data, fashion_mnist, sharding
 from consistency.measure import digits, metrics
 
@@ -232,7 +232,7 @@ def test_eval_shards_are_keyed_by_data_classes(monkeypatch, tmp_path):
     monkeypatch.setattr(evaluate, "feature_network_id", lambda *a: "net")
     config = base.get_config()
     config.data.update(class_conditional=True, num_classes=10)
-    sampler = spec.sampler(config, "1")
+    sampler = sampling_spec.sampler(config, "1")
 
     def folder(classes):
         config.data.classes = classes

@@ -11,7 +11,7 @@ from PIL import Image
 import consistency
 from configs import test as test_config
 from consistency.core import samplers
-from consistency.experiment import pipeline, sample, spec, train
+from consistency.experiment import pipeline, sample, sampling_spec, spec, train
 from consistency.experiment.pipeline import ConsistencyPipeline
 
 FOLDERS = refdata.cases("diffusers_cm_folder")
@@ -84,7 +84,7 @@ def test_from_workdir_gives_the_images_of_mode_sample(run):
         expected = stored["arr_0"]
     np.testing.assert_array_equal(pipe(batch_size=len(expected), output_type="uint8"), expected)
     assert pipe.batch_per_call == config.sampling.batch_size
-    assert pipe.default_sigmas == spec.sampler(config).sigmas
+    assert pipe.default_sigmas == sampling_spec.sampler(config).sigmas
 
 
 def test_images_do_not_depend_on_the_batch_split(run):
@@ -190,12 +190,12 @@ def test_sampling_timesteps_mean_what_the_pipeline_means(run):
     _, config, pipe = run
     config = config.copy_and_resolve_references()
     config.sampling.timesteps = (22, 0)
-    levels = spec.sampler(config).sigmas
-    assert levels == spec.sampler(config, "0,22,39").sigmas
+    levels = sampling_spec.sampler(config).sigmas
+    assert levels == sampling_spec.sampler(config, "0,22,39").sigmas
     np.testing.assert_array_equal(np.float32(levels), pipe.sigmas(timesteps=[22, 0]))
     config.sampling.timesteps = ()
     config.sampling.sigmas = (80.0, 0.5)
-    assert spec.sampler(config).sigmas == (80.0, 0.5)
+    assert sampling_spec.sampler(config).sigmas == (80.0, 0.5)
 
 
 @pytest.mark.parametrize(

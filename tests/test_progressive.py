@@ -11,7 +11,15 @@ from consistency.core.losses import progressive_distillation_loss
 from consistency.core.parameterization import get_weighting
 from consistency.core.samplers import SamplerSpec
 from consistency.core.schedules import NoiseGrid, progdist_sigmas
-from consistency.experiment import methods, networks, sample, spec, train_state, update
+from consistency.experiment import (
+    methods,
+    networks,
+    sample,
+    sampling_spec,
+    spec,
+    train_state,
+    update,
+)
 from consistency.io import sharding
 
 SMIN, SMAX, RHO = 0.002, 80.0, 7.0
@@ -333,10 +341,10 @@ def test_pd_sampler_takes_n_euler_steps_on_its_ramp():
         np.testing.assert_allclose(images, c, atol=1e-5)
     config = _pd_config()
     config.training.num_steps = 10
-    assert spec.sampler(config) == SamplerSpec(kind="progressive", sigmas=(), steps=1)
-    assert spec.sampler(config, "2").steps == 2
+    assert sampling_spec.sampler(config) == SamplerSpec(kind="progressive", sigmas=(), steps=1)
+    assert sampling_spec.sampler(config, "2").steps == 2
     with pytest.raises(ValueError, match="takes 'N' \\(Euler steps\\)"):
-        spec.sampler(config, "0,22,39")
+        sampling_spec.sampler(config, "0,22,39")
 
 
 def test_progdist_curriculum_belongs_to_pd_only():

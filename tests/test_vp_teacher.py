@@ -14,7 +14,7 @@ from configs import test as test_config
 from consistency.core import distances, dpm_solver, losses, ode, samplers, vp
 from consistency.core import parameterization as P
 from consistency.core.samplers import SamplerSpec
-from consistency.experiment import methods, networks, sample, spec
+from consistency.experiment import methods, networks, sample, sampling_spec, spec
 
 CASES = refdata.cases("vp_solvers")
 FORMULA = refdata.FORMULA_RTOL
@@ -283,7 +283,7 @@ def test_ddim_sampler_of_a_vp_teacher_is_diffusers_trailing_ddim():
     vp.ddim_step on x_vp (a closed-form eps network), from x_T = sigma(T-1) z."""
     config = _ddpm_config()
     config.sampling.update(teacher_steps=7, clip_denoised=False)
-    sampler = spec.sampler(config)
+    sampler = sampling_spec.sampler(config)
     assert sampler.kind == "ddim" and sampler.steps == 7
     schedule = methods.vp_schedule(config)
     ac, sigmas = schedule.alphas_cumprod(), schedule.sigmas()

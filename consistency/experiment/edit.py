@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from consistency.core import editing, samplers
-from consistency.experiment import latent, methods, networks, sample, spec
+from consistency.experiment import latent, methods, networks, sample, sampling_spec, spec
 from consistency.io import image_io
 
 
@@ -47,7 +47,7 @@ def make_edit_fn(config, network: networks.Network):
     e, grid = config.edit, methods.noise_grid(config)  # a VP model's: its timesteps' range
     task, p, noise_sigma = e.task, e.patch_size, e.noise_sigma
     cm = _consistency_fn(config, network)
-    sampler, key = spec.edit_sampler(config), jax.random.key(e.seed)
+    sampler, key = sampling_spec.edit_sampler(config), jax.random.key(e.seed)
     sigmas = np.asarray(sampler.sigmas, np.float32)
     levels = dict(sigma_min=grid.sigma_min, sigma_max=grid.sigma_max)
     opts = dict(key=key, clip_denoised=sampler.clip_denoised, **levels)
@@ -71,7 +71,7 @@ def make_edit_fn(config, network: networks.Network):
 def _consistency_fn(config, network: networks.Network):
     """f(params, x, sigma, y, key); a guided student edits at w = sampling.guidance."""
     cm = networks.model_fn(network, config, "consistency")
-    w = spec.sampling_guidance(config)
+    w = sampling_spec.sampling_guidance(config)
     if w is None:
         return cm
     return lambda p, x, s, y, k: cm(p, x, s, y, k, guidance=jnp.full(x.shape[:1], w, jnp.float32))
@@ -173,7 +173,7 @@ def run_edit(config, workdir) -> EditResult:
     stem = pathlib.Path(e.input).stem
     keep = labels if d.class_conditional else None
     grid = write_edits(out_dir, stem, names, edited, keep, [r[:64] for r in rows])
-    levels = [e.noise_sigma] if e.task == "denoise" else spec.edit_sampler(config).sigmas
+    levels = [e.noise_sigma] if e.task == "denoise" else sampling_spec.edit_sampler(config).sigmas
     sigmas = ", ".join(f"{s:.3g}" for s in levels)
     print(
         f"{e.task}: wrote {len(edited)} images (sigmas {sigmas}; checkpoint step {step}) to "

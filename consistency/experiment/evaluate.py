@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from consistency.experiment import latent, networks, paths, sample, spec
+from consistency.experiment import latent, networks, paths, sample, sampling_spec, spec
 from consistency.io import checkpoints, data, image_io, sharding
 from consistency.measure import digits, inception, metrics
 
@@ -314,7 +314,10 @@ def validate(config, mesh) -> dict:
     spec.validate(config, mode="eval", num_devices=mesh.devices.size)
     spec.check_paths(config, mode="eval")
     settings = config.eval.settings
-    return {s: spec.search_range(config, s) or spec.sampler(config, s) for s in settings}
+    return {
+        s: sampling_spec.search_range(config, s) or sampling_spec.sampler(config, s)
+        for s in settings
+    }
 
 
 def ternary_search(fn, lo: int, hi: int) -> tuple[int, dict[int, float]]:
@@ -381,7 +384,7 @@ def search_two_step(config, scorer, *, network, params, step, checkpoint, settin
 
     def fid(i):
         name = f"0,{i},{n - 1}"
-        sampler = spec.sampler(config, name)
+        sampler = sampling_spec.sampler(config, name)
         sigmas = np.asarray(sampler.sigmas, np.float32)
         sample_fn = latent.decoded(functools.partial(fn, sigmas=sigmas), scorer.decode)
         scored = scorer(params, step, checkpoint, name, sampler, sample_fn)

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from consistency.experiment import evaluate, sample, spec
+from consistency.experiment import evaluate, sample, sampling_spec
 
 
 class TrainingEval:
@@ -25,7 +25,9 @@ class TrainingEval:
         self.extract = evaluate.make_extractor(config, evaluate.cache_dir(config, workdir))
         self.ref, _ = evaluate.reference(config, workdir, self.extract, mesh, self.kind)
         self.sample_fns = {
-            s: sample.make_sample_fn(config, network, spec.sampler(config, s), decode=decode)
+            s: sample.make_sample_fn(
+                config, network, sampling_spec.sampler(config, s), decode=decode
+            )
             for s in e.settings
         }
         self.path = workdir / "eval" / "during_training.json"

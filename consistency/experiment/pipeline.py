@@ -12,7 +12,7 @@ import numpy as np
 from consistency.convert import diffusers
 from consistency.core import samplers
 from consistency.core.schedules import NoiseGrid
-from consistency.experiment import latent, methods, networks, resume, sample, spec
+from consistency.experiment import latent, methods, networks, resume, sample, sampling_spec, spec
 from consistency.io import image_io, sharding
 
 OUTPUT_TYPES = ("pil", "np", "uint8", "jax")
@@ -97,10 +97,10 @@ class ConsistencyPipeline:
             image_shape=(d.image_size, d.image_size, d.num_channels),
             num_classes=d.num_classes if d.class_conditional else 0,
             clip_denoised=s.clip_denoised,
-            default_sigmas=spec.sampler(config).sigmas,
+            default_sigmas=sampling_spec.sampler(config).sigmas,
             batch_per_call=s.batch_size,
             seed=s.seed,
-            guidance=spec.sampling_guidance(config),
+            guidance=sampling_spec.sampling_guidance(config),
             decode=latent.decoder(config),
             classes=tuple(d.classes) if d.class_conditional else (),
         )

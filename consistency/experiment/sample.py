@@ -11,7 +11,7 @@ from jax.experimental import multihost_utils
 from consistency.core import guidance, ode, samplers, schedules
 from consistency.core.samplers import SamplerSpec
 from consistency.core.schedules import NoiseGrid
-from consistency.experiment import latent, methods, networks, spec
+from consistency.experiment import latent, methods, networks, sampling_spec
 from consistency.io import checkpoints, image_io, sharding
 
 
@@ -127,7 +127,7 @@ def make_sample_fn(
     decode (latent.decoder): the network's samples are latents, returned decoded to images.
     """
     d = config.data
-    sampler = spec.sampler(config) if sampler is None else sampler
+    sampler = sampling_spec.sampler(config) if sampler is None else sampler
     shape = (d.image_size, d.image_size, d.num_channels)
     fn = make_sampler(
         networks.model_fns(network, config),
@@ -151,7 +151,7 @@ def consistency_sampler(config, network: networks.Network):
         (d.image_size, d.image_size, d.num_channels),
         clip_denoised=config.sampling.clip_denoised,
         clip_output=not latent.enabled(config),  # latents are decoded, then clipped
-        guidance=spec.sampling_guidance(config),
+        guidance=sampling_spec.sampling_guidance(config),
     )
 
 
