@@ -21,9 +21,12 @@ Runs, with `main.py` exactly as a user would (commands printed and recorded), in
 - `lcf`: :lcf, consistency training without a teacher from the student's EMA on TARGET;
 - `pixel_teacher`, `pixel_student`: configs/lcd_fashion.py, the same two stages on the 32x32
   pixels (the pixel UNet of configs/_fashion.py) on SOURCE: the control at equal compute, read
-  as equal training steps and batch (128) as the latent teacher and student. A pixel step costs
-  more than a latent step (32x32x1 inputs through three UNet levels vs 8x8x4 through two, and
-  the latent runs' autoencoder and encoding are extra): the table gives both runs' wall time.
+  as equal training FLOPs (XLA's count of each config's lowered train step, `equal_steps`): the
+  pixel teacher gets the latent teacher's and the autoencoder's training (the autoencoder
+  counted against the latent side, though LCM's is pre-trained), the pixel student the latent
+  student's. A 32x32x1 pixel step through three UNet levels costs ~18x an 8x8x4 latent step
+  through two, so the pixel runs train ~1/18 as many steps (the encoding, a forward pass over
+  the data, is not counted). The table gives every run's steps and wall time.
 Scores by --mode=eval (FID in the Fashion-MNIST classifier's features against the first 10,000
 training images of the run's classes; class accuracy: the classifier's agreement with the
 requested label): the teachers by Heun at 35 evaluations, the students and LCF at 1, 2 and 4
@@ -32,14 +35,14 @@ steps; the students at every --w (LCM's convention: guidance scale 1 + w), the t
 LCF before and after at --lcf_w. Every sample set has --num_samples images (the configs' 5,000
 would not fit the hour).
 
-Step counts are sized for ~60 min on 2 cores from rough per-step costs (a machine shared with
-another run; not measured at full length): the pixel runs dominate (a 32x32 pixel step is
-~10-20x a latent one); --steps_scale stretches every run. Prints a markdown table and a JSON
-line and writes benchmarks/results/lcm_fashion_DATE_COMMIT.md. Finished runs and evaluations
+Latent step counts are sized for ~60 min on 2 cores in all (a machine shared with another
+run); --steps_scale stretches every run. Prints a markdown table and a JSON line and writes
+benchmarks/results/lcm_fashion_DATE_COMMIT.md. Finished runs and evaluations
 are reused (per --root; a changed step count trains on, resuming).
 """
 
 import argparse
+import importlib
 import json
 import pathlib
 import shlex
@@ -55,9 +58,9 @@ import quality_digits as qd  # noqa: E402
 TEACHER_SETTINGS = ("18",)  # Heun, 35 evaluations
 STUDENT_SETTINGS = ("1", "0,11,17", "0,4,8,12,17")  # 1, 2, 4 steps on the 18-point grid
 LATENT = "configs/lcd_latent_fashion.py"
-# name: (config, mode, training overrides, {flag: run whose workdir it names}, steps or None).
-# Steps: sized for ~60 min on 2 cores (the module docstring: a rough estimate); each pixel stage
-# trains as many steps as its latent counterpart (teachers 1,000, students 300).
+# name: (config, mode, training overrides, {flag: run whose workdir it names}, steps): steps None
+# (no training), a count, or EQUAL + the latent runs whose training FLOPs the run gets.
+EQUAL = "flops of"
 RUNS = {
     "vae": ("configs/vae_fashion.py", "train", {}, {}, 600),
     "encode": ("configs/latent_fashion.py", "encode", {}, {}, None),
@@ -67,9 +70,11 @@ RUNS = {
     "lcf_before": (f"{LATENT}:lcf", "eval", {},
                    {"training.init_checkpoint": "student/checkpoints"}, 200),
     "lcf": (f"{LATENT}:lcf", "train", {}, {"training.init_checkpoint": "student/checkpoints"}, 200),
-    "pixel_teacher": ("configs/lcd_fashion.py:teacher", "train", {}, {}, 1000),
+    "pixel_teacher": ("configs/lcd_fashion.py:teacher", "train", {}, {},
+                      (EQUAL, "vae", "teacher")),
     "pixel_student": ("configs/lcd_fashion.py:student", "train", {},
-                      {"training.teacher_checkpoint": "pixel_teacher/checkpoints"}, 300),
+                      {"training.teacher_checkpoint": "pixel_teacher/checkpoints"},
+                      (EQUAL, "student")),
 }  # fmt: skip
 NEEDS = {"encode": "vae", "teacher": "encode", "student": "teacher", "lcf_before": "student",
          "lcf": "student", "pixel_student": "pixel_teacher"}  # fmt: skip
@@ -78,13 +83,56 @@ TEACHERS = ("teacher", "pixel_teacher")  # at --teacher_w
 LCF = ("lcf_before", "lcf")  # evaluated at --lcf_w
 
 
+def run_config(name: str):
+    """Run `name`'s config as its module builds it (before the command's flags)."""
+    path, _, arg = RUNS[name][0].partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def step_gflops(name: str) -> float:
+    """XLA's count of the floating-point operations of one train step of run `name`'s config
+    (the lowered step, on synthetic inputs; nothing runs)."""
+    import train_step as bench  # benchmarks/train_step.py: the configured step and its inputs
+
+    s = bench.setup(run_config(name))
+    return bench._flops(s.step.lower(s.state, s.batch, s.teacher, s.distance, s.key)) / 1e9
+
+
+def equal_steps(name: str, scale: float, gflops: dict) -> int:
+    """Run `name`'s steps at equal training FLOPs: the sum over its latent runs of steps x
+    GFLOP per step, over its own GFLOP per step (each count kept in `gflops`)."""
+    for run in (name, *RUNS[name][4][1:]):
+        if run not in gflops:
+            gflops[run] = step_gflops(run)
+    budget = sum(run_steps(run, scale, gflops) * gflops[run] for run in RUNS[name][4][1:])
+    return max(round(budget / gflops[name]), 1)
+
+
+def warmup_flags(name: str, steps: int | None, scale: float, gflops: dict) -> dict:
+    """An equal-compute run's lr warm-up: the same fraction of its run as its latent
+    counterpart's (the last run it is measured against) of that run, not the config's count."""
+    if not isinstance(RUNS[name][4], tuple):
+        return {}
+    warmup = run_config(name).optim.warmup_steps
+    counterpart = run_steps(RUNS[name][4][-1], scale, gflops)
+    return {"optim.warmup_steps": min(warmup, round(warmup * steps / counterpart))}
+
+
+def run_steps(name: str, scale: float, gflops: dict) -> int | None:
+    steps = RUNS[name][4]
+    if isinstance(steps, tuple):
+        return equal_steps(name, scale, gflops)
+    return None if steps is None else max(int(steps * scale), 10)
+
+
 def nfe(setting: str) -> int:
     return qd.consistency_nfe(setting, {"18": 35})
 
 
-def flags(name: str, root: pathlib.Path, steps: int | None) -> list[str]:
+def flags(name: str, root: pathlib.Path, steps: int | None, extra: dict) -> list[str]:
     config, _, overrides, paths, _ = RUNS[name]
-    values = dict(overrides, **{k: str(root / v) for k, v in paths.items()})
+    values = dict(overrides, **extra, **{k: str(root / v) for k, v in paths.items()})
     if config.startswith(LATENT) or name == "encode":  # this benchmark's autoencoder and cache
         values.update(
             {"latent.vae": str(root / "vae"), "latent.cache": str(root / "encode" / "latents")}
@@ -107,10 +155,10 @@ def eval_flags(name: str, root: pathlib.Path, w: float, num_samples: int) -> lis
     ]
 
 
-def prepare(name: str, root: pathlib.Path, steps: int | None) -> dict:
+def prepare(name: str, root: pathlib.Path, steps: int | None, extra: dict) -> dict:
     """Train (resuming) or encode `name` unless done with these flags: {flags, train_s}."""
     main_py, mode = [sys.executable, "main.py"], RUNS[name][1]
-    command = flags(name, root, steps)
+    command = flags(name, root, steps, extra)
     timing_path = root / name / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
     source = ""  # lcf_before: the student's run it copied (a retrained student is copied again)
@@ -167,11 +215,11 @@ def main() -> None:
 
     source, target = lcd_latent_fashion.SOURCE, lcd_latent_fashion.TARGET
     sweep, lcf_sweep, teacher_sweep = (qd.floats(a) for a in (args.w, args.lcf_w, args.teacher_w))
-    start, rows, commands = time.time(), [], {}
+    start, rows, commands, gflops = time.time(), [], {}, {}
     for name in names:
-        steps = RUNS[name][4]
-        steps = None if steps is None else max(int(steps * args.steps_scale), 10)
-        timing = prepare(name, root, steps)
+        steps = run_steps(name, args.steps_scale, gflops)
+        extra = warmup_flags(name, steps, args.steps_scale, gflops)
+        timing = prepare(name, root, steps, extra)
         mode = RUNS[name][1]
         shown = ["python", "main.py", *timing["flags"]] + ([f"--mode={mode}"] * (mode != "train"))
         commands[name] = shlex.join(shown)
@@ -204,6 +252,14 @@ def main() -> None:
         f"({vae_s / 60:.1f} min) and the encoding ({encode_s / 60:.1f} min).", "",
         *table(rows),
     ]  # fmt: skip
+    if gflops:
+        body += ["", "Equal compute (XLA's count of one train step, batch 128; the autoencoder's "
+                 "at its batch): " + ", ".join(f"{k} {v:.1f} GFLOP" for k, v in gflops.items())
+                 + "; the pixel runs' steps: " + ", ".join(
+                     f"{n} {run_steps(n, args.steps_scale, gflops)} (the FLOPs of "
+                     + " + ".join(f"{r} x {run_steps(r, args.steps_scale, gflops)}"
+                                  for r in RUNS[n][4][1:]) + ")"
+                     for n in RUNS if isinstance(RUNS[n][4], tuple))]  # fmt: skip
     title = "Latent consistency models on Fashion-MNIST, offline"
     qd.write_report("lcm_fashion", title, body, rows, commands, total, args.out)
 

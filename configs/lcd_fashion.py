@@ -6,7 +6,7 @@
 configs/lcd_latent_fashion.py's stages (configs/_lcm.py: the guided EDM teacher, guided CD with
 skip 20 of 360 and w ~ U[0, 4] embedded, LCF) on the padded 32x32 images themselves, with
 configs/_fashion.py's pixel UNet, on the same classes (SOURCE; :lcf adapts to TARGET).
-benchmarks/lcm_fashion.py compares its student with the latent one at the same steps and batch.
+benchmarks/lcm_fashion.py compares its student with the latent one at equal training FLOPs.
 """
 
 from configs import _fashion, _lcm, lcd_latent_fashion
