@@ -11,7 +11,9 @@ state donated; (b) the full step (update.train_step_for, built as benchmarks/tra
 builds it). Their timed repetitions alternate (a b a b ...) so that machine drift falls on both;
 each repetition is --steps calls, then a block; the table shows the median over --repeats.
 (c) on the digits: the training loop's steps/s (train_and_evaluate, measured by its own rate
-between two log lines, with no checkpoint, grid or evaluation inside the interval), next to (b).
+between log lines, --loop_intervals of them after the first (which holds the compile), with no
+checkpoint, grid or evaluation inside), next to (b); (a) and (b) are timed again after the loop,
+so that their medians bracket it (the table gives both halves' medians).
 --profile=DIR also writes a jax.profiler trace of (a) and (b) to DIR and times cumulative
 variants of the step (network only; + optimiser; + per-example keys; + target/EMA; full; + host
 fetch) in the same alternation: the part rows are differences of medians.
@@ -44,6 +46,7 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_
 flags.DEFINE_integer("steps", 10, "Calls of each step per timed repetition.")
 flags.DEFINE_integer("repeats", 5, "Alternating timed repetitions of each step (median shown).")
 flags.DEFINE_integer("loop_steps", 20, "Training-loop steps per log interval (0: no loop run).")
+flags.DEFINE_integer("loop_intervals", 2, "Timed log intervals of the loop (median shown).")
 flags.DEFINE_string("profile", "", "Directory for a jax.profiler trace and the part breakdown.")
 flags.DEFINE_bool("random_lpips", False, "LPIPS with random weights (no weights files).")
 flags.mark_flags_as_required(["config"])
@@ -205,12 +208,12 @@ def time_data(config, mesh, steps: int) -> Runner:
     return runner
 
 
-def time_loop(config, interval: int) -> Runner:
-    """train_and_evaluate's own steps/s between its log lines at 2 and 3 intervals (the first
-    interval holds the compile); checkpoint, grid and evaluation only at the end."""
+def time_loop(config, interval: int, intervals: int) -> Runner:
+    """train_and_evaluate's own steps/s between its log lines, `intervals` of them after the
+    first (which holds the compile); checkpoint, grid and evaluation only at the end."""
     config = config.copy_and_resolve_references()
     t = config.training
-    t.num_steps, t.log_every, t.snapshot_every = 3 * interval, interval, 10**9
+    t.num_steps, t.log_every, t.snapshot_every = (1 + intervals) * interval, interval, 10**9
     config.eval.every_steps, config.sampling.grid_size = 0, 0
     rates, log = [], train._log
 
@@ -266,9 +269,16 @@ def main(argv):
                 jax.block_until_ready(out)
     loop = None
     if FLAGS.loop_steps > 0 and config.data.name == "digits":
+        compiled = list(runners)
         if profile:
             runners.append(time_data(config, s.mesh, FLAGS.steps))
-        loop = time_loop(config, FLAGS.loop_steps)
+        loop = time_loop(config, FLAGS.loop_steps, FLAGS.loop_intervals)
+        before = {r.name: r.median for r in compiled}
+        time_alternating(compiled, FLAGS.steps, FLAGS.repeats)  # again after the loop: a bracket
+        for r in compiled:
+            after = statistics.median(r.ms[FLAGS.repeats :])
+            r.how += f"; {before[r.name]:.1f} before the loop, {after:.1f} after"
+        floor, full = by_name["floor"].median, by_name["full step"].median
         runners.append(loop)
     print(table(runners, floor, profile))
     t = config.training
