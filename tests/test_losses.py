@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from consistency.core import losses, ode, schedules
+from consistency.core import continuous_losses, losses, ode, schedules
 from consistency.core.distances import l2, l2_norm
 from consistency.core.parameterization import get_weighting
 
@@ -187,7 +187,7 @@ def test_continuous_tangent_matches_finite_differences():
     u = jax.random.normal(jax.random.key(11), (3, 5))
     t = jnp.array([0.3, 1.0, 4.0])
     f = lambda x, s: jnp.tanh(x * s[:, None]) + s[:, None] ** 2 * x
-    out, v = losses.consistency_tangent(f, x, t, u)
+    out, v = continuous_losses.consistency_tangent(f, x, t, u)
     h = 1e-2  # central differences of s -> f(x + s u, t - s)
     fd = (f(x + h * u, t - h) - f(x - h * u, t + h)) / (2 * h)
     np.testing.assert_allclose(out, f(x, t), rtol=1e-6)
@@ -206,12 +206,12 @@ def test_trigflow_tangent_is_cos_t_times_df_dt_along_the_path():
 
     t = jnp.array([0.2, 0.8, 1.4])
     dxdt = jnp.cos(t)[:, None] * z - jnp.sin(t)[:, None] * x0
-    F, g = losses.trigflow_tangent(net, path(t), t, dxdt, sigma_data=sd)
+    F, g = continuous_losses.trigflow_tangent(net, path(t), t, dxdt, sigma_data=sd)
     h = 1e-2
     fd = jnp.cos(t)[:, None] * (f(t + h) - f(t - h)) / (2 * h)
     np.testing.assert_allclose(F, net(path(t) / sd, t), rtol=1e-6)
     np.testing.assert_allclose(g, fd, rtol=2e-3, atol=2e-3)
-    _, g0 = losses.trigflow_tangent(net, path(t), t, dxdt, warmup=0.0, sigma_data=sd)
+    _, g0 = continuous_losses.trigflow_tangent(net, path(t), t, dxdt, warmup=0.0, sigma_data=sd)
     np.testing.assert_allclose(g0, -(jnp.cos(t)[:, None] ** 2) * (sd * F - dxdt), rtol=1e-5)
 
 
@@ -223,7 +223,7 @@ def _const_in_x(params, x, sigma, key):
 def test_continuous_losses_closed_form_value_and_gradient():
     x0, key, params = jnp.zeros((64, 16)), jax.random.key(14), {"w": jnp.float32(1.5)}
     common = dict(teacher_denoise=None, distance=l2_norm, weighting=UNIFORM)
-    per, m = losses.continuous_consistency_loss(
+    per, m = continuous_losses.continuous_consistency_loss(
         _const_in_x, params, x0, key, stopgrad=False, **common
     )
     t = np.asarray(m["sigma"])
@@ -232,7 +232,7 @@ def test_continuous_losses_closed_form_value_and_gradient():
     assert t.min() >= 0.002 and t.max() <= 80.0
 
     def pseudo(p):
-        per, _ = losses.continuous_consistency_loss(
+        per, _ = continuous_losses.continuous_consistency_loss(
             _const_in_x, p, x0, key, stopgrad=True, **common
         )
         return per.mean(), per
@@ -247,9 +247,11 @@ def test_continuous_cd_tangent_follows_the_teacher():
     x0, key = jnp.zeros((32, 8)), jax.random.key(15)
     identity = lambda params, x, sigma, k: x
     kw = dict(stopgrad=False, distance=l2_norm, weighting=UNIFORM)
-    ct, _ = losses.continuous_consistency_loss(identity, None, x0, key, teacher_denoise=None, **kw)
+    ct, _ = continuous_losses.continuous_consistency_loss(
+        identity, None, x0, key, teacher_denoise=None, **kw
+    )
     teacher = lambda x, s: 0.3 * x  # x0 = 0: t score = (0.3 - 1) z
-    cd, _ = losses.continuous_consistency_loss(
+    cd, _ = continuous_losses.continuous_consistency_loss(
         identity, None, x0, key, teacher_denoise=teacher, **kw
     )
     np.testing.assert_allclose(cd / ct, 0.7, rtol=1e-5)
@@ -271,7 +273,7 @@ def test_continuous_cd_is_stationary_only_at_the_exact_flow(stopgrad):
     teacher = lambda x, t: m + (x - m) * s**2 / (s**2 + t[:, None] ** 2)
 
     def loss(a):
-        per, _ = losses.continuous_consistency_loss(
+        per, _ = continuous_losses.continuous_consistency_loss(
             _gaussian_flow,
             {"a": a},
             x0,
@@ -357,7 +359,7 @@ def test_scm_loss_value_and_gradient_signs():
     @jax.jit
     def run(params, key):
         def mean_loss(p):
-            per, m = losses.scm_loss(
+            per, m = continuous_losses.scm_loss(
                 net, logvar, p, jnp.zeros((1, 32)), key, velocity_fn=None, warmup=1.0, tangent_c=0.0
             )
             return per.mean(), (per, m)

@@ -3,7 +3,7 @@
 import dataclasses
 from typing import ClassVar
 
-from consistency.core import losses, schedules
+from consistency.core import continuous_losses, losses, schedules
 from consistency.core.schedules import NoiseGrid
 from consistency.experiment.methods.base import (
     ALL_DISTANCES,
@@ -87,7 +87,7 @@ class CTContinuous(Method):
 
     def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
         y = batch["label"]
-        return losses.continuous_consistency_loss(
+        return continuous_losses.continuous_consistency_loss(
             lambda p, x, s, k: fns.consistency(p, x, s, y, k),
             params,
             batch["image"],
@@ -144,7 +144,7 @@ class SCT(Method):
 
     def loss(self, fns, distance, params, target_params, teacher_params, batch, key, step):
         y = batch["label"]
-        return losses.scm_loss(
+        return continuous_losses.scm_loss(
             lambda p, x_in, s, k: fns.raw(p, x_in, s, y, k),
             fns.log_weight,
             params,
