@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from consistency.experiment import evaluate, networks, sample, sampling_spec, spec, train
+from consistency.experiment import evaluate, networks, sample, sampling_spec, search, spec, train
 from consistency.io import sharding
 from consistency.measure import digits
 
@@ -148,10 +148,10 @@ def test_ternary_search_finds_the_minimum_of_a_unimodal_function():
     for best in (1, 2, 7, 19, 37, 38):
         calls = []
         fn = lambda i, best=best, calls=calls: calls.append(i) or (i - best) ** 2 + 3.0
-        found, values = evaluate.ternary_search(fn, 1, 38)
+        found, values = search.ternary_search(fn, 1, 38)
         assert found == best and values[best] == 3.0
         assert len(calls) == len(set(calls)) == len(values) <= 16  # memoised, ~2 log_1.5(38)
-    found, values = evaluate.ternary_search(lambda i: -i, 4, 5)  # a range of two: both
+    found, values = search.ternary_search(lambda i: -i, 4, 5)  # a range of two: both
     assert found == 5 and list(values) == [4, 5]
 
 
@@ -166,7 +166,7 @@ def test_eval_searches_the_two_step_index_and_records_each_fid(evaluated):
     found = record["search"]["search=10,20"]
     fids = {int(i): v for i, v in found["fid"].items()}
     # The same search, replayed on the recorded FIDs, asks for the same indices in order.
-    best, replay = evaluate.ternary_search(lambda i: fids[i], 10, 20)
+    best, replay = search.ternary_search(lambda i: fids[i], 10, 20)
     assert found["evaluated"] == list(replay) and found["best_index"] == best
     assert 4 <= len(fids) <= 9 and set(fids) <= set(range(10, 21))
     assert found["best_setting"] == f"0,{best},39" and found["best_fid"] == min(fids.values())
